@@ -1,0 +1,83 @@
+# Taskfleet: the two commands of the README are `make demo` and `make test`.
+# Both install what they need on a Debian box (run as root): Debian packages, the venv,
+# and the lab's base images. Every command is printed as it runs.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+LAB := $(PY) -m deploy.lab
+# Debian packages the tests and the lab need on the controller.
+DEBS := make redis-server systemd-container debootstrap iptables iproute2 openssh-client
+LAB_ENV := TASKFLEET_ENV_FILE=inventory/lab/taskfleet.env
+
+.PHONY: help test test-fast test-integration test-lab lint venv system-deps demo demo-down \
+        lab-up lab-down lab-status bench clean
+
+help:
+	@echo "make demo       boot the lab, deploy Taskfleet to it, submit tasks from several nodes"
+	@echo "make demo-down  remove the lab"
+	@echo "make test       the full suite: lint, unit, integration (real Redis), lab (real hosts)"
+	@echo "make test-fast  lint and unit tests only (seconds, no root)"
+	@echo "make bench      benchmark the lab cluster against the plain setup"
+
+$(VENV)/.stamp: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.stamp
+
+system-deps:
+	@missing=$$(for p in $(DEBS); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	  done); \
+	if [ -n "$$missing" ]; then \
+	  echo "+ apt-get install -y" $$missing; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/ansible-lint
+
+test-fast: lint
+	$(BIN)/pytest -q tests/unit
+
+test-integration: venv system-deps
+	$(BIN)/pytest -q -m integration
+
+test-lab: venv system-deps
+	$(BIN)/pytest -q -m lab
+
+test: venv system-deps lint
+	$(BIN)/pytest
+
+demo: venv system-deps
+	$(LAB) up --redis 1 --workers 2 --clients 1
+	$(BIN)/ansible-playbook -i inventory/lab deploy.yml
+	$(LAB_ENV) $(PY) -m app submit add 10 20 --wait
+	$(LAB_ENV) $(PY) -m app submit whoami --count 30 --wait
+	$(LAB) ssh client1 taskfleet submit whoami --count 30 --wait
+	$(LAB) ssh worker1 taskfleet submit whoami --count 30 --wait
+	$(LAB) ssh redis1 taskfleet submit add 10 20 --wait
+	$(LAB_ENV) $(PY) -m app status
+
+demo-down lab-down: venv
+	$(LAB) down
+
+lab-up: venv system-deps
+	$(LAB) up --redis 1 --workers 2 --clients 1
+
+lab-status: venv
+	$(LAB) status
+
+bench: venv system-deps
+	$(LAB) up --redis 1 --workers 3 --clients 1
+	$(BIN)/ansible-playbook -i inventory/lab deploy.yml
+	$(LAB_ENV) $(PY) -m app bench --inventory inventory/lab --out docs/bench
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .mypy_cache
