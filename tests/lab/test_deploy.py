@@ -1,0 +1,211 @@
+"""`ansible-playbook deploy.yml` on real lab hosts: bad inventories stop before any change, a cold
+deploy, tasks from every node, per-host canaries, idempotence, check mode, security, scale-out.
+
+The lab: redis1 (Debian 12), worker1 (Debian 13), worker2 (Debian 12), client1 (Debian 13) and
+spare1 (outside the inventory), so every run proves both distributions.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import Cluster, ansible_playbook, record_timing
+
+pytestmark = pytest.mark.lab
+
+
+# --------------------------------------------------------------------------- bad inventories
+
+
+def _groups(hosts_ini: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """Split the lab's INI inventory into {group: [host lines]} and the [all:vars] lines."""
+    groups: dict[str, list[str]] = {}
+    current = None
+    for line in hosts_ini.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            current = line.strip("[]")
+            groups.setdefault(current, [])
+        elif current is not None:
+            groups[current].append(line)
+    all_vars = groups.pop("all:vars", [])
+    return groups, all_vars
+
+
+def _write_inventory(dest: Path, groups: dict[str, list[str]], all_vars: list[str],
+                     host_vars: dict[str, str], src: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    body = []
+    for name, lines in groups.items():
+        body += [f"[{name}]", *lines, ""]
+    body += ["[all:vars]", *all_vars, ""]
+    (dest / "hosts.ini").write_text("\n".join(body))
+    if (src / "group_vars").is_dir():
+        shutil.copytree(src / "group_vars", dest / "group_vars", dirs_exist_ok=True)
+    (dest / "host_vars").mkdir(exist_ok=True)
+    for host, text in host_vars.items():
+        (dest / "host_vars" / f"{host}.yml").write_text(text)
+    return dest
+
+
+BAD_INVENTORIES = {
+    # case: (group edit, host_vars, text the error must contain)
+    "no redis host": (lambda g: g.update(redis=[]), {}, "redis"),
+    "two redis hosts": (lambda g: g.update(redis=g["redis"] + g["workers"][:1]), {}, "redis"),
+    "no workers": (lambda g: g.update(workers=[]), {}, "workers"),
+    "unknown pool": (None, {"worker1": "celery_worker_pool: gevent-ish\n"}, "celery_worker_pool"),
+    "concurrency not an integer": (None, {"worker1": "celery_worker_concurrency: lots\n"},
+                                   "celery_worker_concurrency"),
+    "concurrency zero": (None, {"worker2": "celery_worker_concurrency: 0\n"},
+                         "celery_worker_concurrency"),
+    "bad queue name": (None, {"worker1": "celery_worker_queues: ['reports daily!']\n"},
+                       "celery_worker_queues"),
+}
+
+
+def test_bad_inventory_stops_before_any_change(lab, tmp_path):
+    """Each broken inventory fails in the first play with a message naming the problem, and
+    leaves the hosts exactly as fresh as they were (nothing of Taskfleet installed)."""
+    src = lab.inventory_path.parent
+    for case, (edit, host_vars, expected) in BAD_INVENTORIES.items():
+        groups, all_vars = _groups(lab.inventory_path)
+        if edit:
+            edit(groups)
+        inv = _write_inventory(tmp_path / case.replace(" ", "-"), groups, all_vars, host_vars, src)
+        run = ansible_playbook(inv, "deploy.yml", timeout=300)
+        assert run.rc != 0, f"{case}: deploy accepted a bad inventory\n{run.out[-3000:]}"
+        assert expected in run.out, f"{case}: error does not name {expected!r}\n{run.out[-3000:]}"
+        changed = {h: r.get("changed", 0) for h, r in run.recap().items()}
+        assert not any(changed.values()), f"{case}: changes were made: {changed}"
+    for host in ("redis1", "worker1", "worker2", "client1"):
+        probe = lab.ssh(host, "sh", "-c",
+                        "test -e /opt/taskfleet || test -e /etc/taskfleet "
+                        "|| command -v redis-server || id taskfleet", check=False)
+        assert probe.returncode != 0, f"{host} was changed by a failed deploy: {probe.stdout}"
+
+
+# --------------------------------------------------------------------------- cold deploy
+
+
+def test_cold_deploy_verifies_every_worker(cluster: Cluster):
+    """The cluster fixture ran the cold deploy; its last play (verify) checked every worker. Run
+    the verification playbook alone too: it must pass on its own."""
+    run = cluster.deploy(playbook="playbooks/verify.yml")
+    assert run.rc == 0, run.out[-4000:]
+    for worker in ("worker1", "worker2"):
+        assert worker in run.out
+
+
+@pytest.mark.parametrize("node", ["controller", "redis1", "worker1", "client1"])
+def test_submit_from_every_node(cluster: Cluster, node):
+    if node == "controller":
+        proc = cluster.app("submit", "add", "10", "20", "--wait", "--timeout", "30")
+    else:
+        proc = cluster.on(node, "taskfleet", "submit", "add", "10", "20", "--wait",
+                          "--timeout", "30")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "30"
+
+
+def test_canary_on_each_host_queue(cluster: Cluster):
+    """A task pinned to a worker's own host queue runs on that host, on both distributions."""
+    for worker in ("worker1", "worker2"):
+        proc = cluster.app("submit", "whoami", "--queue", f"host.{worker}", "--wait",
+                           "--timeout", "30")
+        assert proc.returncode == 0, proc.stderr
+        assert worker in proc.stdout, proc.stdout
+    versions = {w: cluster.on(w, "cat", "/etc/debian_version", check=True).stdout.split(".")[0]
+                for w in ("worker1", "worker2")}
+    assert sorted(versions.values()) == ["12", "13"], versions
+
+
+def test_batch_spreads_over_workers(cluster: Cluster):
+    proc = cluster.app("submit", "whoami", "--count", "40", "--wait", "--timeout", "60")
+    assert proc.returncode == 0, proc.stderr
+    assert "worker1" in proc.stdout and "worker2" in proc.stdout, proc.stdout
+
+
+def test_status_and_ping(cluster: Cluster):
+    ping = cluster.app("ping", "--expect", "2")
+    assert ping.returncode == 0, ping.stderr
+    assert cluster.app("ping", "--expect", "3", "--timeout", "2").returncode != 0
+    status = cluster.app("status")
+    assert status.returncode == 0, status.stderr
+    assert "worker@worker1" in status.stdout and "worker@worker2" in status.stdout
+
+
+# --------------------------------------------------------------------------- day 2
+
+
+def test_second_run_changes_nothing(cluster: Cluster):
+    run = cluster.deploy()
+    record_timing("deploy: no-change re-run", run.seconds)
+    assert run.rc == 0, run.out[-4000:]
+    recap = run.recap()
+    print("\n" + run.out.split("PLAY RECAP")[-1].strip())
+    assert {"redis1", "worker1", "worker2", "client1"} <= recap.keys(), recap
+    changed = {h: r["changed"] for h, r in recap.items() if r.get("changed")}
+    assert not changed, f"re-run changed something: {changed}\n{run.out[-6000:]}"
+
+
+def test_check_mode_on_deployed_cluster(cluster: Cluster):
+    run = cluster.deploy("--check", "--diff")
+    assert run.rc == 0, run.out[-4000:]
+    assert not any(r.get("failed") for r in run.recap().values())
+
+
+# --------------------------------------------------------------------------- security
+
+
+def test_secrets_are_not_world_readable_and_workers_not_root(cluster: Cluster):
+    for host in ("redis1", "worker1", "worker2", "client1"):
+        st = cluster.on(host, "stat", "-c", "%a %U %G", "/etc/taskfleet/taskfleet.env",
+                        check=True).stdout.split()
+        assert st[1:] == ["root", "taskfleet"] and int(st[0], 8) & 0o007 == 0, (host, st)
+    for worker in ("worker1", "worker2"):
+        user = cluster.on(worker, "ps", "-o", "user=", "-p", str(cluster.main_pid(worker)),
+                          check=True).stdout.strip()
+        assert user == "taskfleet", (worker, user)
+    assert (cluster.env_file.stat().st_mode & 0o077) == 0
+
+
+def test_outsider_cannot_reach_redis(cluster: Cluster):
+    """spare1 is on the same network but not in the inventory: the firewall drops it."""
+    redis_ip = cluster.lab.ip("redis1")
+    probe = ("import socket,sys\n"
+             "s=socket.socket(); s.settimeout(3)\n"
+             f"sys.exit(0 if s.connect_ex(('{redis_ip}', 6379)) == 0 else 1)\n")
+    assert cluster.on("spare1", "python3", "-c", probe).returncode == 1
+    assert cluster.on("client1", "python3", "-c", probe).returncode == 0
+
+
+def test_wrong_password_is_refused_clearly(cluster: Cluster):
+    url = f"redis://taskfleet:not-the-password@{cluster.lab.ip('redis1')}:6379/0"
+    proc = cluster.on("client1", "env", f"CELERY_BROKER_URL={url}", f"CELERY_RESULT_BACKEND={url}",
+                      "taskfleet", "submit", "add", "1", "2", "--wait", timeout=30)
+    assert proc.returncode != 0
+    message = proc.stderr.strip()
+    assert "password" in message.lower(), message
+    assert "not-the-password" not in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- scale out
+
+
+def test_scale_out_adds_a_worker_without_restarting_others(cluster: Cluster):
+    before = {w: cluster.main_pid(w) for w in ("worker1", "worker2")}
+    cluster.lab.add("worker3", "workers", distro="trixie")
+    run = cluster.deploy()
+    record_timing("deploy: scale-out (+1 worker)", run.seconds)
+    assert run.rc == 0, run.out[-4000:]
+    after = {w: cluster.main_pid(w) for w in ("worker1", "worker2")}
+    assert after == before, "existing workers were restarted by the scale-out"
+    assert cluster.app("ping", "--expect", "3").returncode == 0
+    proc = cluster.app("submit", "whoami", "--queue", "host.worker3", "--wait", "--timeout", "30")
+    assert proc.returncode == 0 and "worker3" in proc.stdout, proc.stdout + proc.stderr
