@@ -121,8 +121,8 @@ class Lab:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """One command at a time per lab (two terminals running `up` must not race)."""
-        STATE_ROOT.mkdir(parents=True, exist_ok=True)
-        with open(STATE_ROOT / f".{self.name}.lock", "w") as lock:
+        # In /run (tmpfs): a lock file is not something `down` has to clean up.
+        with open(f"/run/lock/taskfleet-lab-{self.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
@@ -281,6 +281,9 @@ class Lab:
                 raise LabError(f"image {img} of host {name} is gone from the cache",
                                f"python -m deploy.lab --name {self.name} down, then up")
             hd = self._hostdir(name)
+            # Never two inits on one disk: clear a half-dead earlier boot of this host first.
+            hostmod.kill_init(self.machine(name))
+            hostmod.kill_strays(str(hd.upper))
             hostmod.mount(hd, img)
             hostmod.provision(hd, hostname=name, ip=h["ip"], prefix=subnet.prefixlen,
                               gateway=str(subnet.network_address + 1), dns=dns,
@@ -342,8 +345,9 @@ class Lab:
                     != ipaddress.ip_network(state["subnet"]):
                 raise LabError(f"lab {self.name!r} already uses subnet {state['subnet']}",
                                "down it first to change the subnet")
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            (self.state_dir / "hosts").mkdir(exist_ok=True)
+            # Refuse a colliding subnet before creating anything.
+            network.check_subnet_free(ipaddress.ip_network(state["subnet"]), self.bridge)
+            (self.state_dir / "hosts").mkdir(parents=True, exist_ok=True)
             for group, count in counts.items():
                 for i in range(1, count + 1):
                     name = f"{GROUP_PREFIX[group]}{i}"
@@ -432,6 +436,7 @@ class Lab:
         with ThreadPoolExecutor(max_workers=max(1, min(8, len(machines)))) as pool:
             for f in [pool.submit(hostmod.kill_init, m) for m in machines]:
                 f.result()
+        hostmod.kill_strays(prefix)
         hostmod.umount_under(self.state_dir)
         shutil.rmtree(self.state_dir, ignore_errors=True)
         for port in network.bridge_ports(self.bridge):  # normally gone with their hosts
@@ -445,6 +450,4 @@ class Lab:
         preflight()
         with self._locked():
             self._teardown()
-        with contextlib.suppress(OSError):
-            (STATE_ROOT / f".{self.name}.lock").unlink()
         self.log(f"lab: {self.name} is down")

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from . import Lab
+from . import Lab, preflight
 from .image import DISTROS
 from .inventory import ALL_GROUPS
 from .util import LabError, die
@@ -71,6 +71,7 @@ def print_status(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        preflight()
         lab = Lab(args.name, subnet=args.subnet)
         cmd = args.command
         if cmd == "up":

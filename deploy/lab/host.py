@@ -227,3 +227,40 @@ def nspawn_under(prefix: str) -> list[str]:
         if argv[argv.index("-D") + 1].startswith(prefix):
             found += [a.split("=", 1)[1] for a in argv if a.startswith("--machine=")]
     return found
+
+
+def stray_inits(upper_prefix: str) -> list[int]:
+    """Host inits whose nspawn is gone (e.g. nspawn alone was SIGKILLed: the host runs on).
+
+    Recognised by what they are, not by a pid file: PID 1 of their own namespace, with a root
+    overlay whose upperdir lies under upper_prefix.
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        status = _read(f"/proc/{entry}/status") or ""
+        nspid = next((ln.split()[1:] for ln in status.splitlines() if ln.startswith("NSpid:")),
+                     [])
+        if len(nspid) < 2 or nspid[-1] != "1":
+            continue
+        for line in (_read(f"/proc/{entry}/mountinfo") or "").splitlines():
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == "/":
+                opts = dict(o.split("=", 1) for o in fields[-1].split(",") if "=" in o)
+                if opts.get("upperdir", "").startswith(upper_prefix):
+                    found.append(int(entry))
+                break
+    return found
+
+
+def kill_strays(upper_prefix: str) -> None:
+    pids = stray_inits(upper_prefix)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists() and
+                (_read(f"/proc/{p}/stat") or ")  Z").rsplit(")", 1)[1].split()[0] != "Z"]
+        time.sleep(0.05)

@@ -118,11 +118,11 @@ def veth_of(init_pid: int) -> str:
     """The controller-side veth of a running host.
 
     nspawn names it vb-<machine>, shortened (with a hash on this systemd) past 15 chars;
-    rather than re-deriving that rule, ask the host: host0's iflink is the ifindex of its
-    peer in the controller's namespace.
+    rather than re-deriving that rule, ask the host's network namespace: host0's link_index
+    is the ifindex of its peer in the controller's namespace.
     """
-    out = run(["nsenter", "-t", str(init_pid), "-n", "cat", "/sys/class/net/host0/iflink"])
-    ifindex = int(out.stdout.strip())
+    out = run(["nsenter", "-t", str(init_pid), "-n", "ip", "-j", "link", "show", "host0"])
+    ifindex = json.loads(out.stdout)[0]["link_index"]
     for link in json.loads(run(["ip", "-j", "link", "show"]).stdout or "[]"):
         if link.get("ifindex") == ifindex:
             return link["ifname"]
