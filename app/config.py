@@ -1,0 +1,295 @@
+"""Settings of the Taskfleet Celery app, read from the environment once at start-up.
+
+Every node (worker, client, the Redis host's smoke test) runs the same code and reads the same
+variables, so a value that is wrong is caught here, on the node that has it, with one line that
+names the variable, the value (passwords masked) and what is allowed -- not later as a Celery
+traceback or a task that silently never runs.
+
+Sources, highest priority first:
+  1. the process environment (what systemd's EnvironmentFile= or the shell sets);
+  2. the env file: $TASKFLEET_ENV_FILE if set (it must exist), else ./.env if present.
+python-dotenv loads the file with override=False, so (1) always wins over (2).
+
+`read_settings()` is pure (a mapping in, a Settings out) so it is unit-tested without touching
+os.environ; `get_settings()` is the once-per-process entry point app/celery.py and the CLI use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from dotenv import load_dotenv
+
+ENV_FILE_VAR = "TASKFLEET_ENV_FILE"
+POOLS = ("prefork", "threads", "solo")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+QUEUE_RE = re.compile(r"^[A-Za-z0-9_.@:-]+$")
+REDIS_SCHEMES = ("redis", "rediss")
+URL_HELP = "redis://[user:password@]host[:port][/db] or rediss://... (Redis only)"
+
+
+class ConfigError(Exception):
+    """A missing or malformed setting. str(exc) is the one line shown to the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Validated settings; `celery_settings()` turns them into Celery's lowercase names."""
+
+    broker_url: str
+    result_backend: str
+    worker_pool: str
+    worker_concurrency: int
+    worker_prefetch_multiplier: int
+    worker_max_tasks_per_child: int
+    task_time_limit: int
+    task_soft_time_limit: float
+    visibility_timeout: int
+    result_expires: int
+    default_queue: str
+    connect_timeout: float
+    log_level: str
+    env_file: str | None = None
+
+
+def mask_url(url: str) -> str:
+    """Return `url` with its password replaced by ***, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    """A variable's value, stripped; empty counts as unset (`VAR=` lines in env files)."""
+    value = env.get(name)
+    if value is None or not value.strip():
+        return None
+    return value.strip()
+
+
+def _bad(name: str, value: str, allowed: str) -> ConfigError:
+    return ConfigError(f"invalid {name}={value!r}: {allowed}")
+
+
+def _redis_url(env: Mapping[str, str], name: str, default: str | None = None) -> str:
+    raw = _get(env, name)
+    if raw is None:
+        if default is None:
+            raise ConfigError(f"{name} is not set: set it to {URL_HELP}")
+        return default
+    shown = mask_url(raw)
+    try:
+        parts = urlsplit(raw)
+        _ = parts.port  # raises ValueError for a port that is not 1-65535
+    except ValueError:
+        raise _bad(name, shown, f"expected {URL_HELP} (port must be 1-65535)") from None
+    if parts.scheme not in REDIS_SCHEMES:
+        raise _bad(name, shown, f"expected {URL_HELP}")
+    if not parts.hostname:
+        raise _bad(name, shown, f"no host in the URL; expected {URL_HELP}")
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise _bad(name, shown, f"the database after the last / must be a number; {URL_HELP}")
+    return raw
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int, rule: str) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _bad(name, raw, f"expected a whole number {rule}") from None
+    if value < minimum:
+        raise _bad(name, raw, f"expected a whole number {rule}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _bad(name, raw, "expected a number of seconds > 0") from None
+    if not value > 0 or value == float("inf"):
+        raise _bad(name, raw, "expected a number of seconds > 0")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...],
+            normalize: Callable[[str], str] = str.lower) -> str:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    if normalize(raw) not in choices:
+        raise _bad(name, raw, f"allowed values are {', '.join(choices)}")
+    return normalize(raw)
+
+
+def default_soft_limit(hard: int) -> float:
+    """Soft limit leaving the task time to clean up: 30 s, or 10 % for limits under 300 s."""
+    soft = max(hard - 30, hard * 0.9)
+    return int(soft) if soft == int(soft) else round(soft, 1)
+
+
+def read_settings(env: Mapping[str, str]) -> Settings:
+    """Validate the TASKFLEET_* and CELERY_* variables; raise ConfigError at the first bad one."""
+    broker = _redis_url(env, "CELERY_BROKER_URL")
+    backend = _redis_url(env, "CELERY_RESULT_BACKEND", default=broker)
+    pool = _choice(env, "TASKFLEET_WORKER_POOL", "prefork", POOLS)
+    concurrency = _int(env, "TASKFLEET_WORKER_CONCURRENCY", os.cpu_count() or 1, 1, ">= 1")
+    prefetch = _int(env, "TASKFLEET_WORKER_PREFETCH_MULTIPLIER", 1, 1, ">= 1")
+    max_tasks = _int(env, "TASKFLEET_WORKER_MAX_TASKS_PER_CHILD", 0, 0, ">= 0 (0 = unlimited)")
+    hard = _int(env, "TASKFLEET_TASK_TIME_LIMIT", 300, 1, "of seconds > 0")
+
+    soft_raw = _get(env, "TASKFLEET_TASK_SOFT_TIME_LIMIT")
+    soft: float
+    if soft_raw is None:
+        soft = default_soft_limit(hard)
+    else:
+        rule = f"of seconds > 0 and < TASKFLEET_TASK_TIME_LIMIT ({hard})"
+        soft = _int(env, "TASKFLEET_TASK_SOFT_TIME_LIMIT", 0, 1, rule)
+        if soft >= hard:
+            raise _bad("TASKFLEET_TASK_SOFT_TIME_LIMIT", soft_raw,
+                       f"expected a whole number {rule}")
+
+    vt = _int(env, "TASKFLEET_VISIBILITY_TIMEOUT", 3600, 1, "of seconds > 0")
+    if vt <= hard:
+        # Redis has no real acknowledgements: a message unacked for longer than this is given to
+        # another worker, so a task still running would run twice at the same time.
+        raise _bad("TASKFLEET_VISIBILITY_TIMEOUT", str(vt),
+                   f"must be greater than TASKFLEET_TASK_TIME_LIMIT ({hard}), or Redis hands a "
+                   "task that is still running to a second worker")
+    expires = _int(env, "TASKFLEET_RESULT_EXPIRES", 86400, 1, "of seconds > 0")
+
+    queue = _get(env, "TASKFLEET_DEFAULT_QUEUE") or "celery"
+    if not QUEUE_RE.match(queue):
+        raise _bad("TASKFLEET_DEFAULT_QUEUE", queue,
+                   "queue names use only letters, digits and _ . @ : -")
+    timeout = _float(env, "TASKFLEET_CONNECT_TIMEOUT", 5.0)
+    level = _choice(env, "TASKFLEET_LOG_LEVEL", "INFO", LOG_LEVELS, normalize=str.upper)
+    return Settings(
+        broker_url=broker, result_backend=backend, worker_pool=pool,
+        worker_concurrency=concurrency, worker_prefetch_multiplier=prefetch,
+        worker_max_tasks_per_child=max_tasks, task_time_limit=hard, task_soft_time_limit=soft,
+        visibility_timeout=vt, result_expires=expires, default_queue=queue,
+        connect_timeout=timeout, log_level=level,
+    )
+
+
+def restore_interval(visibility_timeout: int) -> int:
+    """Seconds between a worker's sweeps for messages whose worker died (kombu restore_visible).
+
+    kombu 5.7 sweeps every unacked_restore_interval (10 s) x unacked_restore_throttle (10) =
+    ~100 s by default. We sweep every 1/10 of the visibility timeout (1..100 s) with throttle 1,
+    so a task of a dead worker is back in the queue at most ~10 % after its timeout expires --
+    the same 100 s at the default 3600 s, and ~1 s when tests use a 10 s timeout.
+    """
+    return max(1, min(100, visibility_timeout // 10))
+
+
+def celery_settings(s: Settings) -> dict[str, Any]:
+    """Lowercase Celery settings (Celery 5.7 / kombu 5.7 names) for one validated Settings."""
+    # Both transports get the same socket options: connect fast, never block forever on a
+    # half-open TCP connection (socket_timeout), keepalive + periodic PING to notice a dead peer.
+    sockets: dict[str, Any] = {
+        "socket_connect_timeout": s.connect_timeout,
+        "socket_timeout": max(s.connect_timeout, 5.0),  # > kombu's 1 s BRPOP timeout
+        "socket_keepalive": True,
+        "health_check_interval": 10,
+    }
+    return {
+        "broker_url": s.broker_url,
+        "result_backend": s.result_backend,
+        # JSON only: a pickle message could run arbitrary code in the worker.
+        "accept_content": ["json"],
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "result_accept_content": ["json"],
+        # Nothing lost: ack only after the task ran, and if the process running it dies
+        # (OOM kill, SIGKILL) put the message back instead of acking it as failed.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # With late acks a worker that lost Redis cannot ack anymore: stop those tasks, the
+        # message is redelivered (Celery's default from 6.0; setting it also silences a warning).
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Reserve one message per process: a busy worker does not sit on tasks an idle one
+        # could run, and fewer messages wait for the visibility timeout if it dies.
+        "worker_prefetch_multiplier": s.worker_prefetch_multiplier,
+        "broker_transport_options": {
+            "visibility_timeout": s.visibility_timeout,
+            "unacked_restore_interval": restore_interval(s.visibility_timeout),
+            "unacked_restore_throttle": 1,
+            **sockets,
+        },
+        # Celery's Redis guide sets the timeout for the result backend too; same value.
+        "result_backend_transport_options": {"visibility_timeout": s.visibility_timeout},
+        # The Redis result backend reads these redis_* settings for its own connections.
+        "redis_socket_connect_timeout": s.connect_timeout,
+        "redis_socket_timeout": sockets["socket_timeout"],
+        "redis_socket_keepalive": True,
+        "redis_backend_health_check_interval": sockets["health_check_interval"],
+        # A result store that fails during a Redis blip is retried instead of dropped.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 10,
+        # Workers keep retrying while Redis comes up (start order between hosts does not matter).
+        "broker_connection_retry_on_startup": True,
+        "result_expires": s.result_expires,
+        # Results carry the worker node name ("worker" in the meta): the CLI's batch summary
+        # counts tasks per worker from it; args/kwargs/queue are stored too, for debugging.
+        "result_extended": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "worker_pool": s.worker_pool,
+        "worker_concurrency": s.worker_concurrency,
+        # Celery reads None as unlimited; 0 is our documented spelling of it.
+        "worker_max_tasks_per_child": s.worker_max_tasks_per_child or None,
+        "task_time_limit": s.task_time_limit,
+        "task_soft_time_limit": s.task_soft_time_limit,
+        "task_default_queue": s.default_queue,
+    }
+
+
+def load_env_file(environ: Mapping[str, str] | None = None) -> Path | None:
+    """Load the env file into os.environ (real environment wins). Returns the file used."""
+    env = os.environ if environ is None else environ
+    explicit = _get(env, ENV_FILE_VAR)
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(
+                f"{ENV_FILE_VAR}={explicit!r} does not exist or is not a file: "
+                "point it at the env file or unset it (./.env is used when present)")
+    else:
+        path = Path(".env")
+        if not path.is_file():
+            return None
+    try:
+        load_dotenv(path, override=False)
+    except OSError as exc:
+        raise ConfigError(f"cannot read env file {str(path)!r}: {exc.strerror}") from None
+    return path
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """Read the environment once per process: load the env file, then validate."""
+    path = load_env_file()
+    return dataclasses.replace(read_settings(os.environ), env_file=str(path) if path else None)

@@ -1,0 +1,101 @@
+"""Direct Redis access for the command line: a fast preflight check and queue depths.
+
+Celery and kombu retry a lost broker for a long time (right for workers, wrong for a person at
+a prompt), so client commands first PING Redis once with TASKFLEET_CONNECT_TIMEOUT and turn the
+redis-py error into one line that says what is wrong and where to fix it.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .config import mask_url
+
+# kombu's Redis transport keeps messages of priority > 0 in extra lists named
+# queue + SEP + step (kombu.transport.redis: Channel.sep, PRIORITY_STEPS).
+PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (0, 3, 6, 9)
+UNACKED_KEY = "unacked"  # hash of delivered, not yet acknowledged messages (Channel.unacked_key)
+
+
+class BrokerError(Exception):
+    """Redis cannot be used; str(exc) is one line for the user, never with a password."""
+
+
+def describe(url: str) -> tuple[str, str]:
+    """(host:port, user) of a Redis URL, for messages."""
+    parts = urlsplit(url)
+    port = parts.port or 6379
+    user = unquote(parts.username) if parts.username else "default"
+    return f"{parts.hostname}:{port}", user
+
+
+def client(url: str, timeout: float) -> redis.Redis:
+    """A redis-py client that fails after one attempt within `timeout` seconds."""
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=timeout, socket_timeout=timeout,
+        retry=Retry(NoBackoff(), 0), retry_on_timeout=False,
+    )
+
+
+def scrub(text: str, url: str) -> str:
+    """Remove the URL's password from an error text, should a library have echoed it."""
+    password = urlsplit(url).password
+    if password:
+        text = text.replace(password, "***").replace(unquote(password), "***")
+    return text
+
+
+def check(url: str, variable: str, timeout: float) -> None:
+    """PING the Redis of `url` once; raise BrokerError with a clear cause and fix."""
+    where, user = describe(url)
+    try:
+        client(url, timeout).ping()
+    except redis.AuthenticationError:
+        if urlsplit(url).password is None:
+            raise BrokerError(
+                f"Redis at {where} requires a password: put user:password@ in {variable}"
+            ) from None
+        raise BrokerError(
+            f"Redis at {where} refused the password for user {user!r}: "
+            f"check the user and password in {variable}") from None
+    except redis.exceptions.NoPermissionError:
+        raise BrokerError(
+            f"Redis at {where} denied user {user!r} the PING command (ACL): "
+            f"give the user the commands Celery needs, or fix the user in {variable}") from None
+    except redis.TimeoutError:
+        raise BrokerError(
+            f"no answer from Redis at {where} within {timeout:g} s: check {variable} and the "
+            "firewall (TASKFLEET_CONNECT_TIMEOUT sets this limit)") from None
+    except redis.ConnectionError as exc:
+        reason = scrub(str(exc), url).rstrip(".")
+        raise BrokerError(
+            f"cannot reach Redis at {where} ({reason}): check {variable} and the firewall"
+        ) from None
+    except redis.RedisError as exc:
+        raise BrokerError(
+            f"Redis at {where} ({mask_url(url)}) answered PING with an error: "
+            f"{scrub(str(exc), url)}") from None
+
+
+def queue_depths(url: str, queues: list[str], timeout: float) -> dict[str, int]:
+    """Messages waiting in each queue, all priority sub-queues included (one round trip)."""
+    keys = [q if step == 0 else f"{q}{PRIORITY_SEP}{step}"
+            for q in queues for step in PRIORITY_STEPS]
+    with client(url, timeout).pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.llen(key)
+        sizes = pipe.execute()
+    depths = dict.fromkeys(queues, 0)
+    for key, size in zip(keys, sizes, strict=True):
+        depths[key.split(PRIORITY_SEP)[0]] += int(size)
+    return depths
+
+
+def unacked_count(url: str, timeout: float) -> int:
+    """Messages delivered to workers and not yet acknowledged (running or reserved)."""
+    return int(client(url, timeout).hlen(UNACKED_KEY))

@@ -1,0 +1,54 @@
+"""Example tasks. Names stay app.tasks.<function>.
+
+Every task here is a pure function of its arguments (no writes anywhere), so it is safe to run
+twice -- which late acknowledgement on Redis can do after a worker dies (a task is redelivered
+when its worker is lost mid-run). Real tasks must be idempotent for the same reason.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from .celery import app
+
+
+@app.task
+def add(x: Any, y: Any) -> Any:
+    """Return x + y. Pure: safe to run twice."""
+    return x + y
+
+
+@app.task
+def sleep(seconds: float) -> dict[str, Any]:
+    """I/O-bound stand-in: wait `seconds`, return them with the host. Safe to run twice."""
+    time.sleep(float(seconds))
+    return {"seconds": seconds, "host": socket.gethostname()}
+
+
+@app.task
+def cpu(n: int) -> int:
+    """CPU-bound work: count the primes below `n` by trial division. Pure: safe to run twice."""
+    n = int(n)
+    count = 0
+    for k in range(2, n):
+        d = 2
+        while d * d <= k:
+            if k % d == 0:
+                break
+            d += 1
+        else:
+            count += 1
+    return count
+
+
+@app.task
+def noop() -> None:
+    """Do nothing (measures pure queueing overhead). Safe to run twice."""
+
+
+@app.task(bind=True)
+def whoami(self: Any) -> dict[str, str]:
+    """Return this machine's hostname and the worker's node name. Safe to run twice."""
+    return {"host": socket.gethostname(), "worker": str(self.request.hostname)}
