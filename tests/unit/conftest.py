@@ -1,0 +1,35 @@
+"""Unit-test set-up: import the app from the repository root, with a harmless configuration.
+
+The broker URL points at a closed loopback port: unit tests must never need Redis, and a test
+that accidentally touches the network fails instead of waiting for a server.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # pyproject's pytest settings do not set pythonpath
+    sys.path.insert(0, str(ROOT))
+
+UNIT_BROKER = "redis://taskfleet:unit-secret@127.0.0.1:1/0"
+
+
+@pytest.fixture(scope="session")
+def app_env(tmp_path_factory):
+    """Environment for importing app.celery once in this process (settings are read once)."""
+    from app.config import get_settings
+
+    mp = pytest.MonkeyPatch()
+    empty = tmp_path_factory.mktemp("env") / "empty.env"
+    empty.write_text("")
+    mp.setenv("TASKFLEET_ENV_FILE", str(empty))  # never the developer's ./.env
+    mp.setenv("CELERY_BROKER_URL", UNIT_BROKER)
+    mp.delenv("CELERY_RESULT_BACKEND", raising=False)
+    mp.delenv("TASKFLEET_DEFAULT_QUEUE", raising=False)
+    get_settings.cache_clear()
+    yield
+    mp.undo()

@@ -1,0 +1,216 @@
+"""app.cli: parsing, and the checks that must fail before any network traffic."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from app import cli
+
+ROOT = cli.__file__.rsplit("/app/", 1)[0]
+KNOWN = "add, cpu, noop, sleep, whoami"
+
+
+@pytest.fixture
+def run(app_env, monkeypatch, capsys):
+    """Run `python -m app ARGS` in-process; any attempt to reach Redis fails the test."""
+
+    def no_network(*_a, **_k):
+        raise AssertionError("tried to contact Redis")
+
+    monkeypatch.setattr(cli, "check_redis", no_network)
+
+    def runner(*argv: str) -> tuple[int, str, str]:
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exc:  # argparse errors, --help, --version
+            code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return runner
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("10", 10), ("-3", -3), ("1.5", 1.5), ("x", "x"), ('"10"', "10"), ("[1, 2]", [1, 2]),
+    ('{"a": 1}', {"a": 1}), ("true", True), ("null", None), ("NaN", "NaN"), ("", ""),
+    ("hello world", "hello world"),
+])
+def test_parse_arg(text, value):
+    assert cli.parse_arg(text) == value
+
+
+def test_unknown_task(run):
+    assert run("submit", "nope", "1") == (
+        2, "", f"taskfleet: error: unknown task 'nope'; known tasks: {KNOWN}\n")
+
+
+def test_celery_builtin_tasks_are_not_submittable(run):
+    code, _, err = run("submit", "celery.backend_cleanup")
+    assert code == 2 and "unknown task 'celery.backend_cleanup'" in err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (("submit", "add", "10"), "wrong arguments for add: missing a required argument: 'y'; "
+                              "usage: add(x, y)"),
+    (("submit", "app.tasks.add", "1", "2", "3"), "wrong arguments for add: too many positional "
+                                                 "arguments; usage: add(x, y)"),
+    (("submit", "noop", "1"), "wrong arguments for noop: too many positional arguments; "
+                              "usage: noop()"),
+    (("submit", "sleep", "--kwargs", '{"secs": 1}'),
+     "wrong arguments for sleep: missing a required argument: 'seconds'; usage: sleep(seconds)"),
+    (("submit", "cpu", "5", "--kwargs", '{"n": 5}'),
+     "wrong arguments for cpu: multiple values for argument 'n'; usage: cpu(n)"),
+    (("submit", "add", "1", "2", "--kwargs", "{bad"),
+     "--kwargs is not valid JSON (Expecting property name enclosed in double quotes at "
+     """character 1): pass an object, e.g. --kwargs '{"seconds": 2}'"""),
+    (("submit", "add", "1", "2", "--kwargs", "[1]"),
+     """--kwargs must be a JSON object, e.g. --kwargs '{"seconds": 2}'"""),
+])
+def test_bad_task_input_fails_before_network(run, argv, message):
+    assert run(*argv) == (2, "", f"taskfleet: error: {message}\n")
+
+
+@pytest.mark.parametrize("argv", [
+    ("submit", "whoami"),  # bound task: `self` is not an argument
+    ("submit", "add", "10", "20"),
+    ("submit", "sleep", "--kwargs", '{"seconds": 0.1}'),
+    ("submit", "app.tasks.cpu", "1000"),
+])
+def test_good_task_input_reaches_the_broker_check(run, argv):
+    with pytest.raises(AssertionError, match="tried to contact Redis"):
+        run(*argv)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (("submit", "add", "1", "2", "--count", "0"),
+     "argument --count: expected a number > 0, got '0' (see: python -m app submit --help)"),
+    (("submit", "add", "1", "2", "--timeout", "soon"),
+     "argument --timeout: expected a number > 0, got 'soon' (see: python -m app submit --help)"),
+    (("submit", "add", "1", "2", "--queue", "a b"),
+     "argument --queue: invalid queue name 'a b': use letters, digits and _ . @ : - "
+     "(see: python -m app submit --help)"),
+    (("submit",), "the following arguments are required: TASK, ARGS "
+                  "(see: python -m app submit --help)"),
+    ((), "the following arguments are required: COMMAND (see: python -m app --help)"),
+    (("frobnicate",), "argument COMMAND: invalid choice: 'frobnicate' (choose from 'submit', "
+                      "'status', 'ping', 'config') (see: python -m app --help)"),
+])
+def test_usage_errors_are_one_line(run, argv, message):
+    assert run(*argv) == (2, "", f"taskfleet: error: {message}\n")
+
+
+def test_version(run):
+    code, out, _ = run("--version")
+    assert code == 0 and out.startswith("taskfleet 0.1.0 (celery 5.")
+
+
+def test_config_error_is_one_line(run, monkeypatch):
+    from app.config import get_settings
+
+    monkeypatch.setenv("TASKFLEET_CONNECT_TIMEOUT", "-1")
+    get_settings.cache_clear()
+    try:
+        result = run("ping")
+    finally:
+        monkeypatch.delenv("TASKFLEET_CONNECT_TIMEOUT")
+        get_settings.cache_clear()
+    assert result == (2, "", "taskfleet: error: configuration: invalid "
+                             "TASKFLEET_CONNECT_TIMEOUT='-1': expected a number of seconds > 0\n")
+
+
+def test_config_command_masks_passwords(run, monkeypatch):
+    code, out, _ = run("config")
+    assert code == 0
+    assert "unit-secret" not in out
+    assert "task_acks_late: True" in out
+
+
+def test_subcommands_register_from_one_list(monkeypatch):
+    extra = types.ModuleType("taskfleet_extra")
+    extra.add_parser = lambda sub: sub.add_parser("extra").add_argument("--n", type=int)
+    extra.run = lambda args: args.n
+    monkeypatch.setitem(sys.modules, "taskfleet_extra", extra)
+    monkeypatch.setattr(cli, "SUBCOMMANDS", (*cli.SUBCOMMANDS, "taskfleet_extra"))
+    assert cli.main(["extra", "--n", "7"]) == 7
+
+
+def test_help_works_without_any_configuration():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "TASKFLEET_"))}
+    for argv in (["--help"], ["submit", "--help"], ["status", "--help"], ["ping", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", "app", *argv], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("usage: python -m app")
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    bar = cli.Progress("publishing", 4)
+    for i in range(1, 5):
+        bar.update(i)
+    assert sys.stderr.getvalue() == ""
+    monkeypatch.setattr(sys, "stderr", FakeTTY())
+    bar = cli.Progress("publishing", 4)
+    bar.update(2, force=True)
+    bar.update(4)
+    assert sys.stderr.getvalue() == (
+        "\rpublishing [" + "#" * 15 + "." * 15 + "] 2/4"
+        "\rpublishing [" + "#" * 30 + "] 4/4\n")
+
+
+class FlakyTask:
+    """Publishing fails for the calls listed in `fail_on` (pure logic of the batch loop)."""
+
+    name = "app.tasks.noop"
+
+    def __init__(self, fail_on: set[int]) -> None:
+        self.calls, self.fail_on = 0, fail_on
+
+    def apply_async(self, *args, producer=None, **kwargs):
+        assert producer == "one-producer"  # the whole batch shares one connection
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise ConnectionError("Connection reset by peer")
+        return object()
+
+
+class FakeApp:
+    conf = types.SimpleNamespace(broker_url="redis://u:pw@h/0")
+
+    @contextlib.contextmanager
+    def producer_or_acquire(self):
+        yield "one-producer"
+
+
+def batch(task: FlakyTask, count: int) -> int:
+    args = types.SimpleNamespace(count=count, wait=False, timeout=1.0)
+    return cli.Submit.many(FakeApp(), task, [], {}, "celery", args)  # type: ignore[arg-type]
+
+
+def test_batch_counts_failed_submissions(capsys):
+    assert batch(FlakyTask({2, 4}), 5) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("submitted 3/5 tasks to queue 'celery' in ")
+    assert err == ("taskfleet: error: 2 submissions failed; first error: "
+                   "Connection reset by peer\n")
+
+
+def test_batch_stops_after_ten_failures_in_a_row(capsys):
+    task = FlakyTask(set(range(3, 1000)))
+    assert batch(task, 500) == 1
+    assert task.calls == 12
+    out, err = capsys.readouterr()
+    assert out.startswith("submitted 2/500 tasks")
+    assert err.startswith("taskfleet: error: 498 submissions failed")

@@ -1,0 +1,291 @@
+"""app.config: every variable's default, accepted values and exact error line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.config import (
+    ConfigError,
+    celery_settings,
+    default_soft_limit,
+    load_env_file,
+    mask_url,
+    read_settings,
+    restore_interval,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+URL = "redis://taskfleet:s3cret@10.0.0.5:6379/0"
+URL_HELP = "redis://[user:password@]host[:port][/db] or rediss://... (Redis only)"
+
+
+def settings(**env: str):
+    return read_settings({"CELERY_BROKER_URL": URL, **env})
+
+
+def error(**env: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        read_settings({"CELERY_BROKER_URL": URL, **env})
+    return str(info.value)
+
+
+def test_defaults():
+    s = read_settings({"CELERY_BROKER_URL": URL})
+    assert s.broker_url == URL
+    assert s.result_backend == URL  # default: the broker
+    assert s.worker_pool == "prefork"
+    assert s.worker_concurrency == (os.cpu_count() or 1)
+    assert s.worker_prefetch_multiplier == 1
+    assert s.worker_max_tasks_per_child == 0
+    assert s.task_time_limit == 300
+    assert s.task_soft_time_limit == 270
+    assert s.visibility_timeout == 3600
+    assert s.result_expires == 86400
+    assert s.default_queue == "celery"
+    assert s.connect_timeout == 5.0
+    assert s.log_level == "INFO"
+
+
+def test_empty_values_mean_default():
+    s = settings(TASKFLEET_WORKER_POOL="", TASKFLEET_TASK_TIME_LIMIT="  ",
+                 CELERY_RESULT_BACKEND="")
+    assert (s.worker_pool, s.task_time_limit, s.result_backend) == ("prefork", 300, URL)
+
+
+def test_good_values():
+    s = settings(
+        CELERY_RESULT_BACKEND="rediss://r.example:6380/1",
+        TASKFLEET_WORKER_POOL="Threads", TASKFLEET_WORKER_CONCURRENCY="8",
+        TASKFLEET_WORKER_PREFETCH_MULTIPLIER="4", TASKFLEET_WORKER_MAX_TASKS_PER_CHILD="100",
+        TASKFLEET_TASK_TIME_LIMIT="60", TASKFLEET_TASK_SOFT_TIME_LIMIT="50",
+        TASKFLEET_VISIBILITY_TIMEOUT="61", TASKFLEET_RESULT_EXPIRES="600",
+        TASKFLEET_DEFAULT_QUEUE="jobs.high@eu:1-x_y", TASKFLEET_CONNECT_TIMEOUT="0.5",
+        TASKFLEET_LOG_LEVEL="debug",
+    )
+    assert s.result_backend == "rediss://r.example:6380/1"
+    assert s.worker_pool == "threads"
+    assert (s.worker_concurrency, s.worker_prefetch_multiplier) == (8, 4)
+    assert s.worker_max_tasks_per_child == 100
+    assert (s.task_time_limit, s.task_soft_time_limit, s.visibility_timeout) == (60, 50, 61)
+    assert s.result_expires == 600
+    assert s.default_queue == "jobs.high@eu:1-x_y"
+    assert s.connect_timeout == 0.5
+    assert s.log_level == "DEBUG"
+
+
+@pytest.mark.parametrize("url", [
+    "redis://localhost", "redis://h:6379/15", "rediss://u:p%40ss@h:6380/0", "redis://:pw@h/2",
+])
+def test_broker_urls_accepted(url):
+    assert read_settings({"CELERY_BROKER_URL": url}).broker_url == url
+
+
+def test_broker_missing():
+    with pytest.raises(ConfigError) as info:
+        read_settings({})
+    assert str(info.value) == f"CELERY_BROKER_URL is not set: set it to {URL_HELP}"
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("amqp://u:topsecret@h//",
+     f"invalid CELERY_BROKER_URL='amqp://u:***@h//': expected {URL_HELP}"),
+    ("http://h:1", f"invalid CELERY_BROKER_URL='http://h:1': expected {URL_HELP}"),
+    ("redis://:topsecret@", f"invalid CELERY_BROKER_URL='redis://:***@': no host in the URL; "
+                            f"expected {URL_HELP}"),
+    ("redis://u:topsecret@h:70000/0", f"invalid CELERY_BROKER_URL='redis://u:***@h:70000/0': "
+                                      f"expected {URL_HELP} (port must be 1-65535)"),
+    ("redis://u:topsecret@h:6379/db1", "invalid CELERY_BROKER_URL='redis://u:***@h:6379/db1': "
+                                       "the database after the last / must be a number; "
+                                       f"{URL_HELP}"),
+    ("localhost:6379", f"invalid CELERY_BROKER_URL='localhost:6379': expected {URL_HELP}"),
+])
+def test_broker_bad(url, message):
+    with pytest.raises(ConfigError) as info:
+        read_settings({"CELERY_BROKER_URL": url})
+    assert str(info.value) == message
+    assert "topsecret" not in str(info.value)
+
+
+def test_result_backend_bad_is_masked():
+    assert error(CELERY_RESULT_BACKEND="mongodb://admin:hunter2@db/x") == (
+        f"invalid CELERY_RESULT_BACKEND='mongodb://admin:***@db/x': expected {URL_HELP}")
+
+
+@pytest.mark.parametrize(("name", "value", "allowed"), [
+    ("TASKFLEET_WORKER_POOL", "gevent", "allowed values are prefork, threads, solo"),
+    ("TASKFLEET_WORKER_CONCURRENCY", "0", "expected a whole number >= 1"),
+    ("TASKFLEET_WORKER_CONCURRENCY", "two", "expected a whole number >= 1"),
+    ("TASKFLEET_WORKER_CONCURRENCY", "1.5", "expected a whole number >= 1"),
+    ("TASKFLEET_WORKER_PREFETCH_MULTIPLIER", "0", "expected a whole number >= 1"),
+    ("TASKFLEET_WORKER_MAX_TASKS_PER_CHILD", "-1",
+     "expected a whole number >= 0 (0 = unlimited)"),
+    ("TASKFLEET_TASK_TIME_LIMIT", "0", "expected a whole number of seconds > 0"),
+    ("TASKFLEET_TASK_TIME_LIMIT", "5m", "expected a whole number of seconds > 0"),
+    ("TASKFLEET_TASK_SOFT_TIME_LIMIT", "0",
+     "expected a whole number of seconds > 0 and < TASKFLEET_TASK_TIME_LIMIT (300)"),
+    ("TASKFLEET_TASK_SOFT_TIME_LIMIT", "300",
+     "expected a whole number of seconds > 0 and < TASKFLEET_TASK_TIME_LIMIT (300)"),
+    ("TASKFLEET_VISIBILITY_TIMEOUT", "-5", "expected a whole number of seconds > 0"),
+    ("TASKFLEET_VISIBILITY_TIMEOUT", "300",
+     "must be greater than TASKFLEET_TASK_TIME_LIMIT (300), or Redis hands a task that is "
+     "still running to a second worker"),
+    ("TASKFLEET_RESULT_EXPIRES", "0", "expected a whole number of seconds > 0"),
+    ("TASKFLEET_DEFAULT_QUEUE", "my queue", "queue names use only letters, digits and _ . @ : -"),
+    ("TASKFLEET_DEFAULT_QUEUE", "a/b", "queue names use only letters, digits and _ . @ : -"),
+    ("TASKFLEET_CONNECT_TIMEOUT", "0", "expected a number of seconds > 0"),
+    ("TASKFLEET_CONNECT_TIMEOUT", "fast", "expected a number of seconds > 0"),
+    ("TASKFLEET_CONNECT_TIMEOUT", "nan", "expected a number of seconds > 0"),
+    ("TASKFLEET_CONNECT_TIMEOUT", "inf", "expected a number of seconds > 0"),
+    ("TASKFLEET_LOG_LEVEL", "TRACE", "allowed values are DEBUG, INFO, WARNING, ERROR"),
+])
+def test_bad_values(name, value, allowed):
+    assert error(**{name: value}) == f"invalid {name}={value!r}: {allowed}"
+
+
+def test_visibility_timeout_checked_against_a_custom_hard_limit():
+    assert "TASKFLEET_TASK_TIME_LIMIT (900)" in error(
+        TASKFLEET_TASK_TIME_LIMIT="900", TASKFLEET_VISIBILITY_TIMEOUT="600")
+    assert settings(TASKFLEET_TASK_TIME_LIMIT="8", TASKFLEET_VISIBILITY_TIMEOUT="10") \
+        .visibility_timeout == 10
+
+
+def test_default_time_limit_above_visibility_timeout_is_refused():
+    assert error(TASKFLEET_VISIBILITY_TIMEOUT="100").startswith(
+        "invalid TASKFLEET_VISIBILITY_TIMEOUT='100': must be greater than")
+
+
+@pytest.mark.parametrize(("hard", "soft"), [(3600, 3570), (300, 270), (100, 90), (10, 9),
+                                            (1, 0.9), (7, 6.3)])
+def test_default_soft_limit(hard, soft):
+    assert default_soft_limit(hard) == soft
+    s = settings(TASKFLEET_TASK_TIME_LIMIT=str(hard), TASKFLEET_VISIBILITY_TIMEOUT="7200")
+    assert s.task_soft_time_limit == soft
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://u:pw@h:1/0", "redis://u:***@h:1/0"),
+    ("redis://:pw@h", "redis://:***@h"),
+    ("redis://h:1/0", "redis://h:1/0"),
+    ("rediss://user@h", "rediss://user@h"),
+])
+def test_mask_url(url, shown):
+    assert mask_url(url) == shown
+
+
+def test_restore_interval_scales_with_visibility_timeout():
+    assert [restore_interval(v) for v in (1, 10, 25, 300, 3600, 86400)] == [1, 1, 2, 30, 100, 100]
+
+
+def test_celery_settings_reliability():
+    conf = celery_settings(settings(TASKFLEET_VISIBILITY_TIMEOUT="7200",
+                                    TASKFLEET_CONNECT_TIMEOUT="2"))
+    assert conf["accept_content"] == ["json"] == conf["result_accept_content"]
+    assert conf["task_serializer"] == conf["result_serializer"] == "json"
+    assert conf["task_acks_late"] is conf["task_reject_on_worker_lost"] is True
+    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is True
+    assert conf["broker_connection_retry_on_startup"] is True
+    assert conf["broker_transport_options"]["visibility_timeout"] == 7200
+    assert conf["result_backend_transport_options"]["visibility_timeout"] == 7200
+    assert conf["broker_transport_options"]["unacked_restore_throttle"] == 1
+    assert conf["broker_transport_options"]["unacked_restore_interval"] == 100
+    assert conf["broker_transport_options"]["socket_connect_timeout"] == 2
+    assert conf["broker_transport_options"]["socket_timeout"] == 5
+    assert conf["redis_socket_connect_timeout"] == 2
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["result_extended"] is conf["task_track_started"] is True
+    assert conf["worker_send_task_events"] is conf["task_send_sent_event"] is True
+    assert conf["worker_max_tasks_per_child"] is None  # 0 means unlimited
+    assert (conf["task_time_limit"], conf["task_soft_time_limit"]) == (300, 270)
+    assert conf["task_default_queue"] == "celery"
+    assert conf["result_expires"] == 86400
+
+
+def test_celery_settings_are_known_to_celery():
+    """Every key is a real Celery 5.7 setting (catches renamed or misspelled names)."""
+    from celery.app.defaults import NAMESPACES, flatten
+
+    known = {name for name, _ in flatten(NAMESPACES)}
+    # Read by celery/backends/redis.py through conf.get() without a declared default.
+    known.add("redis_backend_health_check_interval")
+    assert set(celery_settings(settings())) - known == set()
+
+
+# ------------------------------------------------------------------ env file
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ("TASKFLEET_ENV_FILE", "CELERY_BROKER_URL", "TASKFLEET_LOG_LEVEL"):
+        monkeypatch.delenv(name, raising=False)  # undo also removes what the file sets
+    return monkeypatch
+
+
+def test_env_file_explicit(tmp_path, clean_env):
+    f = tmp_path / "tf.env"
+    f.write_text(f"CELERY_BROKER_URL={URL}\nTASKFLEET_LOG_LEVEL=ERROR\n")
+    clean_env.setenv("TASKFLEET_ENV_FILE", str(f))
+    clean_env.setenv("TASKFLEET_LOG_LEVEL", "DEBUG")  # the real environment wins
+    assert load_env_file() == f
+    s = read_settings(os.environ)
+    assert (s.broker_url, s.log_level) == (URL, "DEBUG")
+
+
+def test_env_file_explicit_missing(tmp_path, clean_env):
+    clean_env.setenv("TASKFLEET_ENV_FILE", str(tmp_path / "nope.env"))
+    with pytest.raises(ConfigError) as info:
+        load_env_file()
+    assert str(info.value) == (
+        f"TASKFLEET_ENV_FILE={str(tmp_path / 'nope.env')!r} does not exist or is not a file: "
+        "point it at the env file or unset it (./.env is used when present)")
+
+
+def test_env_file_dot_env_in_cwd(tmp_path, clean_env):
+    (tmp_path / ".env").write_text(f"CELERY_BROKER_URL={URL}\n")
+    clean_env.chdir(tmp_path)
+    assert load_env_file() == Path(".env")
+    assert os.environ["CELERY_BROKER_URL"] == URL
+
+
+def test_no_env_file(tmp_path, clean_env):
+    clean_env.chdir(tmp_path)
+    assert load_env_file() is None
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CELERY_", "TASKFLEET_"))}
+    return {**env, **extra}
+
+
+def test_import_with_bad_config_exits_2_with_one_line(tmp_path):
+    """`celery -A app worker` imports app.celery: a bad value must not become a traceback."""
+    env = subprocess_env(CELERY_BROKER_URL="redis://u:topsecret@h/0",
+                         TASKFLEET_WORKER_POOL="eventlet")
+    proc = subprocess.run([sys.executable, "-c", "import app.celery"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == ("taskfleet: configuration error: invalid TASKFLEET_WORKER_POOL="
+                           "'eventlet': allowed values are prefork, threads, solo\n")
+
+
+def test_celery_worker_with_bad_config_exits_2_with_one_line(tmp_path):
+    env = subprocess_env(CELERY_BROKER_URL="redis://u:topsecret@h/0",
+                         TASKFLEET_VISIBILITY_TIMEOUT="60")
+    celery = Path(sys.executable).parent / "celery"
+    proc = subprocess.run([str(celery), "-A", "app", "worker"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(
+        "taskfleet: configuration error: invalid TASKFLEET_VISIBILITY_TIMEOUT='60'")
+    assert proc.stderr.count("\n") == 1 and "topsecret" not in proc.stderr
+
+
+def test_transport_options_are_known_to_kombu():
+    from kombu.transport.redis import Channel
+
+    opts = celery_settings(settings())["broker_transport_options"]
+    assert set(opts) - set(Channel.from_transport_options) == set()
