@@ -166,11 +166,12 @@ class Side:
 
     # -- submitting --------------------------------------------------------------------------
     @contextlib.contextmanager
-    def publisher(self) -> Iterator[Callable[..., Any]]:
+    def publisher(self, burst: bool = True) -> Iterator[Callable[..., Any]]:
         """A function send(task, args, queue, ignore_result) -> AsyncResult.
 
         kit: one producer (one connection) for the whole burst, publishes buffered in a Redis
-        pipeline and flushed every 500 messages and at the end of the burst.
+        pipeline and flushed every 500 messages and at the end of the burst (burst=False: the
+        same held producer, each publish sent at once -- for one-at-a-time round trips).
         baseline: a plain apply_async() per task, as `.delay()` does.
         """
         if not self.batched:
@@ -179,7 +180,8 @@ class Side:
                 return task.apply_async(args, queue=queue, ignore_result=ignore_result)
             yield send_one
             return
-        with self.app.producer_or_acquire() as producer, producer.batch(max_size=500):
+        with self.app.producer_or_acquire() as producer, \
+                producer.batch(max_size=500) if burst else contextlib.nullcontext():
             def send_batched(task: Any, args: tuple[Any, ...], queue: str,
                              ignore_result: bool = False) -> Any:
                 return task.apply_async(args, queue=queue, ignore_result=ignore_result,
@@ -316,14 +318,11 @@ class Bench:
 
     def latency(self, side: Side, q: str) -> list[float]:
         out = []
-        with side.publisher() as send:  # kit: one held connection; batching is moot for one
+        with side.publisher(burst=False) as send:  # one task in flight: nothing to batch
             for _ in range(self.sizes.samples):
                 t0 = time.perf_counter()
                 r = send(side.noop, (), q)
-                if side.batched:
-                    r.get(timeout=30)
-                else:
-                    r.get(timeout=30)
+                r.get(timeout=30)
                 out.append((time.perf_counter() - t0) * 1000)
                 side.forget([r])
         return out
@@ -794,10 +793,14 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The CLI entry point: `python -m app bench ...`."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
     try:
         result = bench(args)
     except BenchError as exc:
         return die(str(exc))
+    except CeleryTimeout:
+        return die("timed out waiting for task results",
+                   "are the workers running? check `python -m app status`")
     except KeyboardInterrupt:
         return die("interrupted")
     if args.json:
