@@ -284,15 +284,22 @@ class Lab:
             # Never two inits on one disk: clear a half-dead earlier boot of this host first.
             hostmod.kill_init(self.machine(name))
             hostmod.kill_strays(str(hd.upper))
+            # A killed host's veth outlives it for a moment (the kernel tears its netns down
+            # asynchronously); nspawn would fail with "File exists" on the same name.
+            if h.get("veth"):
+                network.wait_link_gone(h["veth"])
             hostmod.mount(hd, img)
             hostmod.provision(hd, hostname=name, ip=h["ip"], prefix=subnet.prefixlen,
                               gateway=str(subnet.network_address + 1), dns=dns,
                               authorized_key=pubkey)
 
         def boot(name: str) -> None:
-            hostmod.spawn(self._hostdir(name), machine=self.machine(name), hostname=name,
-                          bridge=self.bridge)
-            self.wait_ready(name)
+            proc = hostmod.spawn(self._hostdir(name), machine=self.machine(name),
+                                 hostname=name, bridge=self.bridge)
+            self.wait_ready(name, proc=proc)
+            init = self.init_pid(name)
+            if init:
+                state["hosts"][name]["veth"] = network.veth_of(init)
 
         with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
             for f in [pool.submit(prepare, n) for n in names]:
@@ -303,22 +310,27 @@ class Lab:
             self._save(state)
             self.log(f"lab: booting {', '.join(names)}")
             errors = [f.exception() for f in [pool.submit(boot, n) for n in names]]
+            self._save(state)
         for err in errors:
             if err is not None:
                 raise err
 
-    def wait_ready(self, name: str, timeout: float = BOOT_TIMEOUT) -> None:
+    def wait_ready(self, name: str, timeout: float = BOOT_TIMEOUT,
+                   proc: subprocess.Popen | None = None) -> None:
         """Until SSH answers and `systemctl is-system-running` is running or degraded."""
         deadline = time.monotonic() + timeout
         last = "no answer"
         while time.monotonic() < deadline:
-            if self._nspawn(name) is None:
+            exited = proc.poll() is not None if proc else self._nspawn(name) is None
+            if exited:
                 tail = hostmod.log_tail(self._hostdir(name))
-                raise LabError(f"host {name} exited while booting; last lines of "
+                code = f" (exit code {proc.returncode})" if proc else ""
+                raise LabError(f"host {name} exited while booting{code}; last lines of "
                                f"{self._hostdir(name).log}:\n{tail}")
-            proc = run(self.ssh_argv(name, "systemctl is-system-running"), check=False,
-                       timeout=15)
-            last = (proc.stdout.strip() or proc.stderr.strip() or "no answer").splitlines()[-1]
+            answer = run(self.ssh_argv(name, "systemctl is-system-running"), check=False,
+                         timeout=15)
+            last = (answer.stdout.strip() or answer.stderr.strip()
+                    or "no answer").splitlines()[-1]
             if last in ("running", "degraded"):
                 return
             time.sleep(0.3)

@@ -154,7 +154,7 @@ def pidns_members(pid: int) -> list[int]:
     return members
 
 
-def spawn(hd: HostDir, *, machine: str, hostname: str, bridge: str) -> int:
+def spawn(hd: HostDir, *, machine: str, hostname: str, bridge: str) -> subprocess.Popen:
     """Boot the host detached: own session, stdin /dev/null, console to nspawn.log.
 
     It survives the CLI exiting. --register=no --keep-unit: there is no machined / systemd
@@ -168,7 +168,7 @@ def spawn(hd: HostDir, *, machine: str, hostname: str, bridge: str) -> int:
         log.flush()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True)
-    return proc.pid
+    return proc
 
 
 def log_tail(hd: HostDir, lines: int = 6) -> str:

@@ -6,6 +6,7 @@ import ipaddress
 import itertools
 import json
 import shlex
+import time
 from pathlib import Path
 
 from .util import LabError, run
@@ -25,6 +26,15 @@ def nat_comment(lab: str) -> str:
 
 def link_exists(name: str) -> bool:
     return Path("/sys/class/net", name).exists()
+
+
+def wait_link_gone(name: str, timeout: float = 3.0) -> None:
+    """Wait for a dying link to vanish; delete it if it lingers."""
+    deadline = time.monotonic() + timeout
+    while link_exists(name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if link_exists(name):
+        run(["ip", "link", "delete", name], check=False)
 
 
 def controller_nameserver() -> str | None:
