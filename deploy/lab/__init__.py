@@ -20,6 +20,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -195,7 +196,6 @@ class Lab:
         if len(cmd) == 1:
             argv.append(cmd[0])
         elif cmd:
-            import shlex
             argv.append(shlex.join(cmd))
         return argv
 
@@ -444,6 +444,8 @@ class Lab:
         """Remove everything of this lab, whether or not state.json survived."""
         prefix = str(self.state_dir / "hosts") + "/"
         machines = {self.machine(n) for n in self.hosts()}
+        with contextlib.suppress(OSError):  # host dirs survive a lost state.json
+            machines |= {self.machine(d.name) for d in (self.state_dir / "hosts").iterdir()}
         machines |= set(hostmod.nspawn_under(prefix))
         with ThreadPoolExecutor(max_workers=max(1, min(8, len(machines)))) as pool:
             for f in [pool.submit(hostmod.kill_init, m) for m in machines]:
@@ -451,6 +453,10 @@ class Lab:
         hostmod.kill_strays(prefix)
         hostmod.umount_under(self.state_dir)
         shutil.rmtree(self.state_dir, ignore_errors=True)
+        # nspawn leaves an empty propagation dir per machine when /run is not a tmpfs.
+        for m in machines:
+            with contextlib.suppress(OSError):
+                Path("/run/systemd/nspawn/propagate", m).rmdir()
         for port in network.bridge_ports(self.bridge):  # normally gone with their hosts
             run(["ip", "link", "delete", port["ifname"]], check=False)
         network.delete_bridge(self.bridge)
@@ -462,4 +468,6 @@ class Lab:
         preflight()
         with self._locked():
             self._teardown()
+            with contextlib.suppress(OSError):
+                Path(f"/run/lock/taskfleet-lab-{self.name}.lock").unlink()
         self.log(f"lab: {self.name} is down")

@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print_status(rows)
         elif cmd == "ssh":
+            if lab.init_pid(args.host) is None and args.host in lab.hosts():
+                die(f"host {args.host} is not running",
+                    f"start it: python -m deploy.lab --name {lab.name} start {args.host}")
             argv_ = lab.ssh_argv(args.host, *args.cmd, tty=not args.cmd and sys.stdin.isatty())
             sys.stdout.flush()
             os.execvp(argv_[0], argv_)  # noqa: S606 -- exit code of the remote command passes through

@@ -230,8 +230,9 @@ def nspawn_under(prefix: str) -> list[str]:
 
 
 def stray_inits(upper_prefix: str) -> list[int]:
-    """Host inits whose nspawn is gone (e.g. nspawn alone was SIGKILLed: the host runs on).
+    """Inits of hosts whose upper dir lies under upper_prefix, with or without their nspawn.
 
+    Catches the case where nspawn alone was SIGKILLed and the host runs on, orphaned.
     Recognised by what they are, not by a pid file: PID 1 of their own namespace, with a root
     overlay whose upperdir lies under upper_prefix.
     """
