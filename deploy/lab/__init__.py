@@ -51,6 +51,16 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,11}$")
 _HOST_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 
 
+def parse_subnet(text: str) -> ipaddress.IPv4Network:
+    try:
+        subnet = ipaddress.IPv4Network(text, strict=False)
+    except ValueError as exc:
+        raise LabError(f"invalid subnet {text!r}", "e.g. --subnet 10.78.0.0/24") from exc
+    if subnet.prefixlen > 26:
+        raise LabError(f"subnet {subnet} is too small", "use a /26 or larger, e.g. /24")
+    return subnet
+
+
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -219,14 +229,11 @@ class Lab:
             self._teardown()
 
     def _new_state(self) -> dict:
-        subnet = ipaddress.ip_network(self._subnet_arg or DEFAULT_SUBNET, strict=False)
-        if subnet.version != 4 or subnet.prefixlen > 26:
-            raise LabError(f"subnet {subnet} is not an IPv4 network of at least /26",
-                           "e.g. --subnet 10.78.0.0/24")
+        subnet = parse_subnet(self._subnet_arg or DEFAULT_SUBNET)
         return {"name": self.name, "subnet": str(subnet), "hosts": {}}
 
     def _next_ip(self, state: dict) -> str:
-        subnet = ipaddress.ip_network(state["subnet"])
+        subnet = parse_subnet(state["subnet"])
         used = {h["ip"] for h in state["hosts"].values()}
         for addr in list(subnet.hosts())[FIRST_HOST - 1:]:
             if str(addr) not in used:
@@ -244,7 +251,7 @@ class Lab:
                                 "image": str(image.image_dir(distro)), "wanted": "running"}
 
     def _prepare_net(self, state: dict) -> None:
-        subnet = ipaddress.ip_network(state["subnet"])
+        subnet = parse_subnet(state["subnet"])
         network.check_subnet_free(subnet, self.bridge)
         network.ensure_bridge(self.bridge, str(subnet.network_address + 1), subnet.prefixlen)
         network.ensure_nat(self.name, state["subnet"], self.bridge)
@@ -270,7 +277,7 @@ class Lab:
         """Boot hosts in parallel and wait until each answers SSH with systemd up."""
         if not names:
             return
-        subnet = ipaddress.ip_network(state["subnet"])
+        subnet = parse_subnet(state["subnet"])
         dns = network.controller_nameserver()
         pubkey = Path(f"{self.key}.pub").read_text()
 
@@ -353,12 +360,12 @@ class Lab:
             state = self._load()
             if state is None:
                 state = self._new_state()
-            elif self._subnet_arg and ipaddress.ip_network(self._subnet_arg, strict=False) \
-                    != ipaddress.ip_network(state["subnet"]):
+            elif self._subnet_arg and parse_subnet(self._subnet_arg) \
+                    != parse_subnet(state["subnet"]):
                 raise LabError(f"lab {self.name!r} already uses subnet {state['subnet']}",
                                "down it first to change the subnet")
             # Refuse a colliding subnet before creating anything.
-            network.check_subnet_free(ipaddress.ip_network(state["subnet"]), self.bridge)
+            network.check_subnet_free(parse_subnet(state["subnet"]), self.bridge)
             (self.state_dir / "hosts").mkdir(parents=True, exist_ok=True)
             for group, count in counts.items():
                 for i in range(1, count + 1):
