@@ -171,6 +171,16 @@ class Progress:
             sys.stderr.write("\n")
 
 
+def release(results: list[Any]) -> None:
+    """Stop listening for results we will not wait for any longer.
+
+    The Redis result backend subscribes to each task's result channel when it is sent; left
+    alone, AsyncResult.__del__ unsubscribes during interpreter shutdown and prints a traceback.
+    """
+    for result in results:
+        result.backend.remove_pending_result(result)
+
+
 def rate(n: int, seconds: float) -> str:
     return f"{n / seconds:.0f} tasks/s" if seconds > 0 else "- tasks/s"
 
@@ -223,11 +233,13 @@ class Submit:
 
         result = task.apply_async(call_args, call_kwargs, queue=queue)
         if not args.wait:
+            release([result])
             print(result.id)
             return 0
         try:
             value = result.get(timeout=args.timeout, propagate=False)
         except CeleryTimeout:
+            release([result])
             die(f"no result for task {result.id} after {args.timeout:g} s: are workers "
                 f"running and consuming queue {queue!r}? (python -m app ping)", EXIT_FAIL)
         if result.failed():
@@ -266,13 +278,17 @@ class Submit:
 
             print(f"{PROG}: error: {failed} submissions failed; first error: "
                   f"{scrub(str(first_error), app.conf.broker_url)}", file=sys.stderr)
-        if args.wait and results:
-            code = Submit.collect(app, results, args.timeout, start)
-            return code or (EXIT_FAIL if failed else 0)
-        return EXIT_FAIL if failed else 0
+        try:
+            if args.wait and results:
+                code = Submit.collect(app, results, args.timeout, start, queue)
+                return code or (EXIT_FAIL if failed else 0)
+            return EXIT_FAIL if failed else 0
+        finally:
+            release(results)
 
     @staticmethod
-    def collect(app: Celery, results: list[Any], timeout: float, start: float) -> int:
+    def collect(app: Celery, results: list[Any], timeout: float, start: float,
+                queue: str) -> int:
         """Wait for all results (in arrival order) and print the per-worker summary."""
         from celery.exceptions import TimeoutError as CeleryTimeout
         from celery.result import ResultSet
@@ -299,7 +315,7 @@ class Submit:
             print(f"  {worker:<40} {n:>7}")
         if missing:
             print(f"{PROG}: error: {missing} results missing after {timeout:g} s: are workers "
-                  "running? (python -m app ping)", file=sys.stderr)
+                  f"running and consuming queue {queue!r}? (python -m app ping)", file=sys.stderr)
         return EXIT_FAIL if failed or missing else 0
 
 

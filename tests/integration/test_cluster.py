@@ -1,0 +1,112 @@
+"""A client and workers in separate processes, through a real Redis: our CLI, plain Celery
+code and Celery's own command line all reach the same workers."""
+
+from __future__ import annotations
+
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+CELERY = str(Path(sys.executable).parent / "celery")
+
+
+def test_cli_submit_add_wait_prints_30(run, run_cli, cluster):
+    proc = run_cli(cluster.env, "submit", "add", "10", "20", "--wait")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "30\n", "")
+
+
+def test_cli_submit_without_wait_prints_the_task_id(run, run_cli, cluster):
+    proc = run_cli(cluster.env, "submit", "app.tasks.noop")
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(r"[0-9a-f-]{36}\n", proc.stdout)
+
+
+def test_cli_whoami_names_a_worker(run, run_cli, cluster):
+    proc = run_cli(cluster.env, "submit", "whoami", "--wait")
+    assert proc.returncode == 0, proc.stderr
+    assert any(f'"worker": "{node}"' in proc.stdout for node in cluster.nodes)
+
+
+def test_plain_celery_code_like_run_task(run, run_cli, cluster):
+    """The seed's run_task.py: import the task, .delay(), .get() -- in its own process."""
+    code = textwrap.dedent("""
+        from app.tasks import add
+        result = add.delay(10, 20).get(timeout=10)
+        assert result == 30, result
+        print(result)
+    """)
+    proc = run([sys.executable, "-c", code], cluster.env)
+    assert (proc.returncode, proc.stdout) == (0, "30\n"), proc.stderr
+
+
+def test_celery_own_cli_call_result_and_inspect(run, run_cli, cluster):
+    celery = CELERY
+    call = run([celery, "-A", "app", "call", "app.tasks.add", "--args", "[10, 20]"], cluster.env)
+    assert call.returncode == 0, call.stderr
+    task_id = call.stdout.strip()
+    result = run([celery, "-A", "app", "result", task_id], cluster.env, timeout=20)
+    assert (result.returncode, result.stdout.strip()) == (0, "30"), result.stderr
+    ping = run([celery, "-A", "app", "inspect", "ping", "--timeout", "2"], cluster.env)
+    assert ping.returncode == 0, ping.stderr
+    for node in cluster.nodes:
+        assert re.search(rf"->\s+{re.escape(node)}: OK", ping.stdout), ping.stdout
+
+
+def test_batch_spreads_over_both_workers(run, run_cli, cluster):
+    proc = run_cli(cluster.env, "submit", "sleep", "0.1", "--count", "40", "--wait",
+                   "--timeout", "30", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert re.search(r"submitted 40/40 tasks to queue 'celery' in [\d.]+ s \(\d+ tasks/s\)", out)
+    assert re.search(r"done 40, failed 0, no result 0 in [\d.]+ s \(\d+ tasks/s\)", out)
+    counts = {node: int(n) for node, n in re.findall(r"^  (\S+)\s+(\d+)$", out, re.M)}
+    assert set(counts) == set(cluster.nodes), out
+    assert sum(counts.values()) == 40 and min(counts.values()) > 0
+    print(f"\nbatch of 40 sleep(0.1): {counts}")
+
+
+def test_batch_reports_failed_tasks(run, run_cli, cluster):
+    proc = run_cli(cluster.env, "submit", "add", "1", '"x"', "--count", "3", "--wait")
+    assert proc.returncode == 1
+    assert "done 0, failed 3, no result 0" in proc.stdout
+
+
+def test_status_lists_both_workers_and_queue(run, run_cli, cluster):
+    proc = run_cli(cluster.env, "status")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["NODE", "HOST", "POOL", "CONC", "ACTIVE", "PROCESSED"]
+    for node in cluster.nodes:
+        row = next(line.split() for line in lines if line.startswith(node + " "))
+        assert row[1] == node.split("@")[1] and row[2:4] == ["prefork", "2"]
+        assert row[4].isdigit() and row[5].isdigit()
+    assert any(line.split() == ["celery", "0"] for line in lines), proc.stdout
+
+
+def test_status_counts_waiting_messages_in_a_queue_nobody_consumes(run_cli, cluster,
+                                                                    redis_server):
+    env = {**cluster.env, "TASKFLEET_DEFAULT_QUEUE": "parked"}
+    sent = run_cli(env, "submit", "noop", "--count", "3")
+    assert sent.returncode == 0, sent.stderr
+    try:
+        proc = run_cli(env, "status")
+        assert any(line.split() == ["parked", "3"] for line in proc.stdout.splitlines()), \
+            proc.stdout
+    finally:
+        redis_server.admin().delete("parked")
+
+
+def test_ping_expect(run, run_cli, cluster):
+    ok = run_cli(cluster.env, "ping", "--expect", "2")
+    assert ok.returncode == 0, ok.stderr
+    for node in cluster.nodes:
+        assert f"{node}: pong" in ok.stdout
+    assert "2 worker(s) answered" in ok.stdout
+    short = run_cli(cluster.env, "ping", "--expect", "3", "--timeout", "1")
+    assert short.returncode == 1
+    assert short.stderr == ("taskfleet: error: only 2 of the 3 expected workers answered "
+                            "within 1 s\n")
