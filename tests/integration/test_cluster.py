@@ -6,32 +6,32 @@ from __future__ import annotations
 import re
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from itkit import BIN, run, run_cli
 
 pytestmark = pytest.mark.integration
-CELERY = str(Path(sys.executable).parent / "celery")
+CELERY = str(BIN / "celery")
 
 
-def test_cli_submit_add_wait_prints_30(run, run_cli, cluster):
+def test_cli_submit_add_wait_prints_30(cluster):
     proc = run_cli(cluster.env, "submit", "add", "10", "20", "--wait")
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "30\n", "")
 
 
-def test_cli_submit_without_wait_prints_the_task_id(run, run_cli, cluster):
+def test_cli_submit_without_wait_prints_the_task_id(cluster):
     proc = run_cli(cluster.env, "submit", "app.tasks.noop")
     assert proc.returncode == 0, proc.stderr
     assert re.fullmatch(r"[0-9a-f-]{36}\n", proc.stdout)
 
 
-def test_cli_whoami_names_a_worker(run, run_cli, cluster):
+def test_cli_whoami_names_a_worker(cluster):
     proc = run_cli(cluster.env, "submit", "whoami", "--wait")
     assert proc.returncode == 0, proc.stderr
     assert any(f'"worker": "{node}"' in proc.stdout for node in cluster.nodes)
 
 
-def test_plain_celery_code_like_run_task(run, run_cli, cluster):
+def test_plain_celery_code_like_run_task(cluster):
     """The seed's run_task.py: import the task, .delay(), .get() -- in its own process."""
     code = textwrap.dedent("""
         from app.tasks import add
@@ -43,20 +43,22 @@ def test_plain_celery_code_like_run_task(run, run_cli, cluster):
     assert (proc.returncode, proc.stdout) == (0, "30\n"), proc.stderr
 
 
-def test_celery_own_cli_call_result_and_inspect(run, run_cli, cluster):
+def test_celery_own_cli_call_result_and_inspect(cluster):
     celery = CELERY
     call = run([celery, "-A", "app", "call", "app.tasks.add", "--args", "[10, 20]"], cluster.env)
     assert call.returncode == 0, call.stderr
     task_id = call.stdout.strip()
     result = run([celery, "-A", "app", "result", task_id], cluster.env, timeout=20)
     assert (result.returncode, result.stdout.strip()) == (0, "30"), result.stderr
-    ping = run([celery, "-A", "app", "inspect", "ping", "--timeout", "2"], cluster.env)
+    # `python -m celery` works the same way as the celery script.
+    ping = run([sys.executable, "-m", "celery", "-A", "app", "inspect", "ping", "--timeout", "2"],
+               cluster.env)
     assert ping.returncode == 0, ping.stderr
     for node in cluster.nodes:
         assert re.search(rf"->\s+{re.escape(node)}: OK", ping.stdout), ping.stdout
 
 
-def test_batch_spreads_over_both_workers(run, run_cli, cluster):
+def test_batch_spreads_over_both_workers(cluster):
     proc = run_cli(cluster.env, "submit", "sleep", "0.1", "--count", "40", "--wait",
                    "--timeout", "30", timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -69,13 +71,13 @@ def test_batch_spreads_over_both_workers(run, run_cli, cluster):
     print(f"\nbatch of 40 sleep(0.1): {counts}")
 
 
-def test_batch_reports_failed_tasks(run, run_cli, cluster):
+def test_batch_reports_failed_tasks(cluster):
     proc = run_cli(cluster.env, "submit", "add", "1", '"x"', "--count", "3", "--wait")
     assert proc.returncode == 1
     assert "done 0, failed 3, no result 0" in proc.stdout
 
 
-def test_status_lists_both_workers_and_queue(run, run_cli, cluster):
+def test_status_lists_both_workers_and_queue(cluster):
     proc = run_cli(cluster.env, "status")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -87,7 +89,7 @@ def test_status_lists_both_workers_and_queue(run, run_cli, cluster):
     assert any(line.split() == ["celery", "0"] for line in lines), proc.stdout
 
 
-def test_status_counts_waiting_messages_in_a_queue_nobody_consumes(run_cli, cluster,
+def test_status_counts_waiting_messages_in_a_queue_nobody_consumes(cluster,
                                                                     redis_server):
     env = {**cluster.env, "TASKFLEET_DEFAULT_QUEUE": "parked"}
     sent = run_cli(env, "submit", "noop", "--count", "3")
@@ -100,7 +102,7 @@ def test_status_counts_waiting_messages_in_a_queue_nobody_consumes(run_cli, clus
         redis_server.admin().delete("parked")
 
 
-def test_ping_expect(run, run_cli, cluster):
+def test_ping_expect(cluster):
     ok = run_cli(cluster.env, "ping", "--expect", "2")
     assert ok.returncode == 0, ok.stderr
     for node in cluster.nodes:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
+from itkit import free_port, node_env, run_cli
 
 pytestmark = pytest.mark.integration
 LIMIT = 15  # seconds: no retry loop may hide behind an error
 
 
-def check(run_cli, env, args, code, message):
+def check(env, args, code, message):
     start = time.monotonic()
     proc = run_cli(env, *args, timeout=LIMIT + 5)
     took = time.monotonic() - start
@@ -30,63 +31,58 @@ def check(run_cli, env, args, code, message):
      "--kwargs is not valid JSON (Expecting property name enclosed in double quotes at "
      """character 1): pass an object, e.g. --kwargs '{"seconds": 2}'"""),
 ])
-def test_bad_input(run_cli, cluster, args, message):
-    check(run_cli, cluster.env, args, 2, message)
+def test_bad_input(cluster, args, message):
+    check(cluster.env, args, 2, message)
 
 
-def test_broker_unreachable(run_cli, redis_server, tmp_path):
-    from conftest import free_port, node_env
+def test_broker_unreachable(redis_server, tmp_path):
 
     port = free_port()  # nothing listens there: connection refused
     env = node_env(tmp_path, f"redis://taskfleet:pw-not-shown@127.0.0.1:{port}/0")
     for args in (("submit", "add", "10", "20", "--wait"), ("status",), ("ping",),
                  ("submit", "noop", "--count", "5")):
-        proc = check(run_cli, env, args, 1,
+        proc = check(env, args, 1,
                      f"cannot reach Redis at 127.0.0.1:{port} (Error 111 connecting to "
                      f"127.0.0.1:{port}. Connection refused): check CELERY_BROKER_URL and the "
                      "firewall")
         assert "pw-not-shown" not in proc.stdout + proc.stderr
 
 
-def test_result_backend_unreachable_with_wait(run_cli, redis_server, tmp_path):
-    from conftest import free_port, node_env
+def test_result_backend_unreachable_with_wait(redis_server, tmp_path):
 
     port = free_port()
     env = node_env(tmp_path, redis_server.url(0),
                    CELERY_RESULT_BACKEND=f"redis://127.0.0.1:{port}/0")
-    check(run_cli, env, ("submit", "add", "1", "2", "--wait"), 1,
+    check(env, ("submit", "add", "1", "2", "--wait"), 1,
           f"cannot reach Redis at 127.0.0.1:{port} (Error 111 connecting to 127.0.0.1:{port}. "
           "Connection refused): check CELERY_RESULT_BACKEND and the firewall")
 
 
-def test_wrong_password(run_cli, redis_server, tmp_path):
-    from conftest import node_env
+def test_wrong_password(redis_server, tmp_path):
 
     env = node_env(tmp_path, redis_server.url(0, password="wrong-secret"))
-    proc = check(run_cli, env, ("submit", "add", "10", "20", "--wait"), 1,
+    proc = check(env, ("submit", "add", "10", "20", "--wait"), 1,
                  f"Redis at 127.0.0.1:{redis_server.port} refused the password for user "
                  "'taskfleet': check the user and password in CELERY_BROKER_URL")
     assert "wrong-secret" not in proc.stdout + proc.stderr
 
 
-def test_no_password(run_cli, redis_server, tmp_path):
-    from conftest import node_env
+def test_no_password(redis_server, tmp_path):
 
     env = node_env(tmp_path, f"redis://127.0.0.1:{redis_server.port}/0")
-    check(run_cli, env, ("ping",), 1,
+    check(env, ("ping",), 1,
           f"Redis at 127.0.0.1:{redis_server.port} requires a password: put user:password@ "
           "in CELERY_BROKER_URL")
 
 
-def test_acl_denied(run_cli, redis_server, tmp_path):
+def test_acl_denied(redis_server, tmp_path):
     """A user that may log in but not run commands (a wrong ACL on the Redis host)."""
-    from conftest import node_env
 
     admin = redis_server.admin()
     admin.acl_setuser("locked", enabled=True, passwords=["+locked-pw"], commands=["-@all"])
     try:
         env = node_env(tmp_path, f"redis://locked:locked-pw@127.0.0.1:{redis_server.port}/0")
-        check(run_cli, env, ("ping",), 1,
+        check(env, ("ping",), 1,
               f"Redis at 127.0.0.1:{redis_server.port} denied user 'locked' the PING command "
               "(ACL): give the user the commands Celery needs, or fix the user in "
               "CELERY_BROKER_URL")
@@ -94,17 +90,16 @@ def test_acl_denied(run_cli, redis_server, tmp_path):
         admin.acl_deluser("locked")
 
 
-def test_config_error(run_cli, redis_server, tmp_path):
-    from conftest import node_env
+def test_config_error(redis_server, tmp_path):
 
     env = node_env(tmp_path, redis_server.url(0), TASKFLEET_TASK_TIME_LIMIT="4000")
-    check(run_cli, env, ("submit", "add", "1", "2"), 2,
+    check(env, ("submit", "add", "1", "2"), 2,
           "configuration: invalid TASKFLEET_VISIBILITY_TIMEOUT='3600': must be greater than "
           "TASKFLEET_TASK_TIME_LIMIT (4000), or Redis hands a task that is still running to a "
           "second worker")
 
 
-def test_wait_timeout_when_no_worker_consumes(run_cli, cluster, redis_server):
+def test_wait_timeout_when_no_worker_consumes(cluster, redis_server):
     env = {**cluster.env, "TASKFLEET_DEFAULT_QUEUE": "nobody-listens"}
     try:
         proc = run_cli(env, "submit", "add", "1", "2", "--wait", "--timeout", "1")

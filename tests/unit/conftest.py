@@ -6,14 +6,7 @@ that accidentally touches the network fails instead of waiting for a server.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # pyproject's pytest settings do not set pythonpath
-    sys.path.insert(0, str(ROOT))
 
 UNIT_BROKER = "redis://taskfleet:unit-secret@127.0.0.1:1/0"
 

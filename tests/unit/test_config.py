@@ -289,3 +289,12 @@ def test_transport_options_are_known_to_kombu():
 
     opts = celery_settings(settings())["broker_transport_options"]
     assert set(opts) - set(Channel.from_transport_options) == set()
+
+
+def test_log_level_becomes_the_worker_default(tmp_path):
+    """`celery worker` without -l reads CELERY_WORKER_LOGLEVEL, which app.celery defaults."""
+    env = subprocess_env(CELERY_BROKER_URL="redis://h/0", TASKFLEET_LOG_LEVEL="warning")
+    code = "import os, app.celery; print(os.environ['CELERY_WORKER_LOGLEVEL'])"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, "WARNING\n"), proc.stderr
