@@ -625,6 +625,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0].set_ylim(bottom=0)
+    axes[1].set_ylim(0, 105)
     fig.suptitle(f"Taskfleet vs plain Celery ({result['hardware']['nproc']} cores, "
                  f"{result['timestamp'][:10]})")
     fig.tight_layout()
