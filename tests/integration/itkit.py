@@ -179,8 +179,8 @@ def start_workers(env: dict[str, str], names: list[str], logdir: Path,
 def stop_workers(workers: list[Worker], timeout: float = 15) -> None:
     """Warm shutdown (SIGTERM) for all, then SIGKILL whatever is left after `timeout`."""
     for w in workers:
-        if w.alive():
-            with_pgid(w.pid, signal.SIGTERM)
+        if w.alive():  # the main process only: it lets running tasks finish and ack
+            w.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for w in workers:
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -298,3 +298,23 @@ def test_log_level_becomes_the_worker_default(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout) == (0, "WARNING\n"), proc.stderr
+
+
+def test_env_example_documents_every_variable_and_is_valid():
+    """.env.example names every variable app.config reads, and its values pass validation."""
+    import re
+
+    from dotenv import dotenv_values
+
+    import app.config
+
+    text = (ROOT / ".env.example").read_text()
+    source = Path(app.config.__file__).read_text()
+    variables = set(re.findall(r'"((?:TASKFLEET|CELERY)_[A-Z_]+)"', source))
+    variables.add("TASKFLEET_ENV_FILE")
+    assert len(variables) == 14
+    for name in sorted(variables):
+        assert re.search(rf"^#? ?{name}=", text, re.M), f"{name} missing from .env.example"
+    values = {k: v or "" for k, v in dotenv_values(ROOT / ".env.example").items()}
+    s = read_settings(values)
+    assert (s.task_time_limit, s.visibility_timeout, s.worker_pool) == (300, 3600, "prefork")
