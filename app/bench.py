@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -170,6 +171,13 @@ class Side:
             raise BenchError(f"{self.label} workers did not answer inspect stats")
         return sum(int(s.get("total", {}).get(task_name, 0)) for s in stats.values())
 
+    def cpu_seconds(self, nodes: list[Node]) -> float:
+        """CPU time (user + system) the workers' main processes have used since they started."""
+        stats = self.app.control.inspect(destination=[n.name for n in nodes], timeout=5.0,
+                                         limit=len(nodes)).stats() or {}
+        return sum(float(s.get("rusage", {}).get("utime", 0))
+                   + float(s.get("rusage", {}).get("stime", 0)) for s in stats.values())
+
     # -- submitting --------------------------------------------------------------------------
     @contextlib.contextmanager
     def publisher(self, burst: bool = True) -> Iterator[Callable[..., Any]]:
@@ -281,16 +289,25 @@ class Bench:
         side.collect(results, timeout=30)
         side.forget(results)
 
-    def throughput(self, side: Side, q: str, n: int) -> float:
+    def throughput(self, side: Side, q: str, nodes: list[Node], n: int) -> float:
+        # Where the time goes, read around (not inside) the timed part: the workers' own CPU
+        # counters (main process: consumer, Redis I/O, events; prefork children not included)
+        # and this client's CPU, per task.
+        worker_cpu0, client0 = side.cpu_seconds(nodes), resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         with side.publisher() as send:
             results = [send(side.noop, (), q) for _ in range(n)]
         t1 = time.perf_counter()
         side.collect(results, timeout=max(60.0, n / 20))
         t2 = time.perf_counter()
+        client1, worker_cpu1 = resource.getrusage(resource.RUSAGE_SELF), side.cpu_seconds(nodes)
         side.forget(results)
-        self.phases.setdefault(f"throughput.{side.label}", []).append(
-            {"submit_s": round(t1 - t0, 4), "collect_s": round(t2 - t1, 4)})
+        client_cpu = (client1.ru_utime + client1.ru_stime) - (client0.ru_utime + client0.ru_stime)
+        self.phases.setdefault(f"throughput.{side.label}", []).append({
+            "submit_s": round(t1 - t0, 4), "collect_s": round(t2 - t1, 4),
+            "wall_ms_per_task": round((t2 - t0) / n * 1000, 3),
+            "client_cpu_ms_per_task": round(client_cpu / n * 1000, 3),
+            "worker_main_cpu_ms_per_task": round((worker_cpu1 - worker_cpu0) / n * 1000, 3)})
         return n / (t2 - t0)
 
     def fire(self, side: Side, q: str, nodes: list[Node], n: int) -> float:
@@ -356,7 +373,7 @@ class Bench:
                     if "throughput" in parts:
                         log(f"{side.label}: throughput, {k} host(s), {self.sizes.tasks} tasks")
                         vals.setdefault("throughput", {}).setdefault(side.label, []).append(
-                            self.throughput(side, q, self.sizes.tasks))
+                            self.throughput(side, q, nodes, self.sizes.tasks))
                     if "fire" in parts:
                         log(f"{side.label}: fire-and-forget, {k} host(s), {self.sizes.fire} tasks")
                         vals.setdefault("fire", {}).setdefault(side.label, []).append(
@@ -574,6 +591,24 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
+def where_time_goes(result: dict[str, Any]) -> list[str]:
+    """Per-task cost of the throughput runs at the most hosts (median over repeats), one line
+    per side: wall time, this client's CPU, the workers' main-process CPU, submit vs wait."""
+    lines = []
+    k = result["figures"].get("throughput", {}).get("hosts")
+    for side in ("kit", "baseline"):
+        runs = result.get("phases", {}).get(f"throughput.{side}", [])[-result["repeat"]:]
+        if not runs or k is None:
+            continue
+        med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        lines.append(
+            f"{side}: {med['wall_ms_per_task']:.2f} ms wall per task ({k} hosts); client CPU "
+            f"{med['client_cpu_ms_per_task']:.2f} ms, worker main processes "
+            f"{med['worker_main_cpu_ms_per_task']:.2f} ms per task; submit {med['submit_s']:.2f} s"
+            f" then wait {med['collect_s']:.2f} s")
+    return lines
+
+
 def print_table(result: dict[str, Any]) -> None:
     head = ("figure", "kit", "baseline", "ratio", "target")
     rows = [head, *table_rows(result)]
@@ -583,6 +618,11 @@ def print_table(result: dict[str, Any]) -> None:
                         for j, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
         if i == 0:
             print("-" * (sum(widths) + 8))
+    lines = where_time_goes(result)
+    if lines:
+        print("\nwhere the time goes (throughput with results):")
+        for line in lines:
+            print(f"  {line}")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -600,6 +640,10 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---|",
     ]
     lines += [f"| {' | '.join(r)} |" for r in table_rows(result)]
+    wtg = where_time_goes(result)
+    if wtg:
+        lines += ["", "Where the time goes (throughput with results, per task):", ""]
+        lines += [f"- {line}" for line in wtg]
     lines += ["", "![throughput and efficiency vs worker hosts](bench/scaling.png)"]
     return "\n".join(lines)
 
@@ -670,6 +714,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--no-baseline", action="store_true", help="measure the kit only")
     p.add_argument("--deploy", action="store_true",
                    help="time a no-change deploy.yml re-run now (needs --inventory)")
+    p.add_argument("--profile", type=Path, metavar="FILE",
+                   help="also write a cProfile of this client (top functions by cumulative "
+                        "time) to FILE")
     p.add_argument("--json", action="store_true",
                    help=f"print the result as one line '{JSON_MARK}{{...}}' instead of a table")
 
@@ -809,7 +856,19 @@ def run(args: argparse.Namespace) -> int:
     """The CLI entry point: `python -m app bench ...`."""
     from celery.exceptions import TimeoutError as CeleryTimeout
     try:
-        result = bench(args)
+        if args.profile:
+            import cProfile
+            import io
+            import pstats
+
+            prof = cProfile.Profile()
+            result = prof.runcall(bench, args)
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(40)
+            Path(args.profile).write_text(buf.getvalue())
+            log(f"wrote the client profile to {args.profile}")
+        else:
+            result = bench(args)
     except BenchError as exc:
         return die(str(exc))
     except CeleryTimeout:

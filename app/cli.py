@@ -364,7 +364,8 @@ class Status:
         depths = queue_depths(s.broker_url, sorted(queues), s.connect_timeout)
         print()
         print_table([("QUEUE", "WAITING")] + [(q, str(n)) for q, n in depths.items()])
-        print(f"unacknowledged (running or reserved): {unacked_count(s.broker_url, 5.0)}")
+        unacked = unacked_count(s.broker_url, s.connect_timeout)
+        print(f"unacknowledged (running or reserved): {unacked}")
         if not nodes:
             die(f"no worker answered within {args.timeout:g} s", EXIT_FAIL)
         return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -46,6 +47,20 @@ def test_broker_unreachable(redis_server, tmp_path):
                      f"127.0.0.1:{port}. Connection refused): check CELERY_BROKER_URL and the "
                      "firewall")
         assert "pw-not-shown" not in proc.stdout + proc.stderr
+
+
+def test_broker_that_never_answers(tmp_path):
+    """A port that accepts TCP but never replies (a hung server or a middlebox): the CLI gives
+    up after TASKFLEET_CONNECT_TIMEOUT instead of waiting forever."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nobody ever reads or writes
+        port = silent.getsockname()[1]
+        env = node_env(tmp_path, f"redis://taskfleet:pw@127.0.0.1:{port}/0",
+                       TASKFLEET_CONNECT_TIMEOUT="1")
+        check(env, ("ping",), 1,
+              f"no answer from Redis at 127.0.0.1:{port} within 1 s: check CELERY_BROKER_URL "
+              "and the firewall (TASKFLEET_CONNECT_TIMEOUT sets this limit)")
 
 
 def test_result_backend_unreachable_with_wait(redis_server, tmp_path):
