@@ -280,7 +280,10 @@ class Bench:
         finally:
             side.detach(q, nodes)
             with side.app.connection_for_write() as conn:
-                conn.default_channel.client.delete(q)  # leftovers of a failed run
+                # The run's queue is never used again: drop it (and anything a failed run left
+                # in it) and kombu's exchange-binding sets for it, so runs leave no keys behind.
+                conn.default_channel.client.delete(
+                    q, f"_kombu.binding.{q}", f"_kombu.binding_permanent.{q}")
 
     def warm(self, side: Side, q: str) -> None:
         """A few tasks first so connections and pools exist before the clock starts."""
