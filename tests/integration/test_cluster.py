@@ -78,7 +78,7 @@ def test_batch_reports_failed_tasks(cluster):
 
 
 def test_status_lists_both_workers_and_queue(cluster):
-    proc = run_cli(cluster.env, "status")
+    proc = run_cli(cluster.env, "status", "--timeout", "1")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["NODE", "HOST", "POOL", "CONC", "ACTIVE", "PROCESSED"]
@@ -95,7 +95,7 @@ def test_status_counts_waiting_messages_in_a_queue_nobody_consumes(cluster,
     sent = run_cli(env, "submit", "noop", "--count", "3")
     assert sent.returncode == 0, sent.stderr
     try:
-        proc = run_cli(env, "status")
+        proc = run_cli(env, "status", "--timeout", "1")
         assert any(line.split() == ["parked", "3"] for line in proc.stdout.splitlines()), \
             proc.stdout
     finally:

@@ -40,8 +40,7 @@ def test_broker_unreachable(redis_server, tmp_path):
 
     port = free_port()  # nothing listens there: connection refused
     env = node_env(tmp_path, f"redis://taskfleet:pw-not-shown@127.0.0.1:{port}/0")
-    for args in (("submit", "add", "10", "20", "--wait"), ("status",), ("ping",),
-                 ("submit", "noop", "--count", "5")):
+    for args in (("submit", "add", "10", "20", "--wait"), ("status",)):
         proc = check(env, args, 1,
                      f"cannot reach Redis at 127.0.0.1:{port} (Error 111 connecting to "
                      f"127.0.0.1:{port}. Connection refused): check CELERY_BROKER_URL and the "

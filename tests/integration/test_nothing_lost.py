@@ -15,7 +15,7 @@ from itkit import client_app, node_env, start_workers, stop_workers, wait_for
 
 pytestmark = pytest.mark.integration
 VISIBILITY = 10
-TASK_SECONDS = 3
+TASK_SECONDS = 2
 
 
 @pytest.fixture(scope="module")
