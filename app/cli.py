@@ -36,6 +36,7 @@ SUBCOMMANDS = (
     "app.cli:Status",
     "app.cli:Ping",
     "app.cli:ShowConfig",
+    "app.bench",
 )
 
 
