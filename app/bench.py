@@ -5,9 +5,9 @@ Two sides run the same work on the same worker hosts, one after the other, in th
 * kit      -- the deployed Taskfleet workers (app.celery settings, systemd units) driven the way
               the kit's client does it: one producer connection, publishes pipelined in batches
               (kombu's Producer.batch(): one Redis round trip per batch instead of per task),
-              results collected together (one pub/sub connection for all of them).
+              the queue declared once per burst instead of on every publish.
 * baseline -- app.baseline: Celery's defaults, `--pool=solo`, one `.delay()`-style
-              `apply_async()` per task (a publish each), results fetched one by one.
+              `apply_async()` per task (a publish each); both sides read results one by one.
 
 Worker hosts are picked without SSH: every run gets its own queue name and remote control
 (`add_consumer` / `cancel_consumer`) attaches it to the first 1, 2 or 3 workers of each side.
@@ -209,13 +209,17 @@ class Side:
             yield send_batched
 
     def collect(self, results: list[Any], timeout: float) -> None:
-        """Wait for every result; raise if one failed."""
-        if self.batched:
-            from celery.result import ResultSet
-            ResultSet(results, app=self.app).join_native(timeout=timeout, propagate=True)
-        else:
-            for r in results:  # the plain way: one get() per task, in order
-                r.get(timeout=timeout)
+        """Wait for every result; raise if one failed.
+
+        Both sides wait the same way: each task's result channel was subscribed when it was
+        sent, results arriving for other tasks are buffered, so get() in order costs one
+        pub/sub read per result. (ResultSet.join_native looks like the bulk path, but with the
+        Redis backend of Celery 5.7 it polls MGET and sleeps `interval`, 0.5 s, between polls:
+        slower for bursts.)
+        """
+        deadline = time.monotonic() + timeout
+        for r in results:
+            r.get(timeout=max(1.0, deadline - time.monotonic()))
 
     def forget(self, results: list[Any]) -> None:
         """Delete result keys after a run (outside the timing) so Redis does not fill up."""
