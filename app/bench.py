@@ -466,8 +466,8 @@ def remote_latency(inventory: Path, sizes: Sizes) -> tuple[str, dict[str, Any]] 
         return None
     client = sorted(clients)[0]
     log(f"latency: running on {client}")
-    # `taskfleet bench` is the same with the CLI wired; this form also works before that.
-    cmd = (f"env TASKFLEET_ENV_FILE={HOST_ENV_FILE} {HOST_PYTHON} -m app.bench --only latency "
+    # = `taskfleet bench ...` (the host's wrapper), spelled out so it needs no PATH.
+    cmd = (f"env TASKFLEET_ENV_FILE={HOST_ENV_FILE} {HOST_PYTHON} -m app bench --only latency "
            f"--json --samples {sizes.samples} --repeat {sizes.repeat}")
     proc = run_cmd([ansible, "-i", str(inventory), client, "-m", "ansible.builtin.command",
                     "-a", cmd], timeout=300)

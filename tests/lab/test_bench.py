@@ -25,7 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def bench(cluster, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = os.environ | {"TASKFLEET_ENV_FILE": str(cluster.env_file)}
-    return subprocess.run([sys.executable, "-m", "app.bench", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "app", "bench", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
