@@ -6,7 +6,7 @@ import socket
 import time
 
 import pytest
-from itkit import free_port, node_env, run_cli
+from .itkit import free_port, node_env, run_cli
 
 pytestmark = pytest.mark.integration
 LIMIT = 15  # seconds: no retry loop may hide behind an error
