@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from .itkit import (
     REDIS_SERVER,
     USER,

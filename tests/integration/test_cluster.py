@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+
 from .itkit import BIN, run, run_cli
 
 pytestmark = pytest.mark.integration

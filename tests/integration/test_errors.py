@@ -6,6 +6,7 @@ import socket
 import time
 
 import pytest
+
 from .itkit import free_port, node_env, run_cli
 
 pytestmark = pytest.mark.integration

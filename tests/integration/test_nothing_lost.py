@@ -11,6 +11,7 @@ import signal
 import time
 
 import pytest
+
 from .itkit import client_app, node_env, start_workers, stop_workers, wait_for
 
 pytestmark = pytest.mark.integration

@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+
 from .itkit import client_app, wait_for
 
 pytestmark = pytest.mark.integration
