@@ -3,6 +3,7 @@
 Every task here is a pure function of its arguments (no writes anywhere), so it is safe to run
 twice -- which late acknowledgement on Redis can do after a worker dies (a task is redelivered
 when its worker is lost mid-run). Real tasks must be idempotent for the same reason.
+The one exception is `mark`, a test/ops helper that records every run on purpose.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import time
 from typing import Any
 
 from .celery import app
+
+# `mark` appends to Redis lists under this prefix; each list expires a day after its last run.
+LEDGER_PREFIX = "taskfleet:ledger:"
+LEDGER_TTL = 86400
 
 
 @app.task
@@ -52,3 +57,22 @@ def noop() -> None:
 def whoami(self: Any) -> dict[str, str]:
     """Return this machine's hostname and the worker's node name. Safe to run twice."""
     return {"host": socket.gethostname(), "worker": str(self.request.hostname)}
+
+
+@app.task
+def mark(batch: str, n: int, seconds: float = 0) -> int:
+    """Test/ops helper: wait `seconds`, then record this run in the Redis list
+    taskfleet:ledger:<batch> as "<n>@<host>@<unix time>" and return n.
+
+    Not idempotent on purpose -- every run is recorded, which is the point: submit numbers
+    0..N-1, break something, then the ledger shows numbers that never ran (lost) and numbers
+    that ran more than once (duplicated). The fault suite (tests/lab/test_faults.py) uses it;
+    so can an operator rehearsing a failure. Running it twice is harmless (one more entry).
+    """
+    time.sleep(float(seconds))
+    key = f"{LEDGER_PREFIX}{batch}"
+    entry = f"{int(n)}@{socket.gethostname()}@{time.time():.3f}"
+    # The result backend's redis-py client: same Redis, same ACL user, no extra connection pool.
+    with app.backend.client.pipeline() as pipe:  # MULTI: the entry and its expiry together
+        pipe.rpush(key, entry).expire(key, LEDGER_TTL).execute()
+    return int(n)
