@@ -56,6 +56,7 @@ class Settings:
     default_queue: str
     connect_timeout: float
     log_level: str
+    beat_example_seconds: int = 0
     env_file: str | None = None
 
 
@@ -184,12 +185,13 @@ def read_settings(env: Mapping[str, str]) -> Settings:
                    "queue names use only letters, digits and _ . @ : -")
     timeout = _float(env, "TASKFLEET_CONNECT_TIMEOUT", 5.0)
     level = _choice(env, "TASKFLEET_LOG_LEVEL", "INFO", LOG_LEVELS, normalize=str.upper)
+    beat_example = _int(env, "TASKFLEET_BEAT_EXAMPLE_SECONDS", 0, 0, ">= 0 (0 = off)")
     return Settings(
         broker_url=broker, result_backend=backend, worker_pool=pool,
         worker_concurrency=concurrency, worker_prefetch_multiplier=prefetch,
         worker_max_tasks_per_child=max_tasks, task_time_limit=hard, task_soft_time_limit=soft,
         visibility_timeout=vt, result_expires=expires, default_queue=queue,
-        connect_timeout=timeout, log_level=level,
+        connect_timeout=timeout, log_level=level, beat_example_seconds=beat_example,
     )
 
 
@@ -264,7 +266,24 @@ def celery_settings(s: Settings) -> dict[str, Any]:
         "task_time_limit": s.task_time_limit,
         "task_soft_time_limit": s.task_soft_time_limit,
         "task_default_queue": s.default_queue,
+        # Periodic tasks, sent by `celery beat` on the one host of the `beat` group.
+        "beat_schedule": beat_schedule(s),
     }
+
+
+def beat_schedule(s: Settings) -> dict[str, Any]:
+    """The periodic tasks (Celery's beat_schedule format): add your own entries here.
+
+    The example entry (off unless TASKFLEET_BEAT_EXAMPLE_SECONDS > 0) runs app.tasks.beat_tick,
+    which records each of its runs, so a deploy can prove each period ran exactly once.
+    """
+    schedule: dict[str, Any] = {}
+    if s.beat_example_seconds:
+        schedule["example-tick"] = {
+            "task": "app.tasks.beat_tick",
+            "schedule": float(s.beat_example_seconds),
+        }
+    return schedule
 
 
 def load_env_file(environ: Mapping[str, str] | None = None) -> Path | None:

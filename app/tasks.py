@@ -8,6 +8,7 @@ The one exception is `mark`, a test/ops helper that records every run on purpose
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from typing import Any
@@ -76,3 +77,18 @@ def mark(batch: str, n: int, seconds: float = 0) -> int:
     with app.backend.client.pipeline() as pipe:  # MULTI: the entry and its expiry together
         pipe.rpush(key, entry).expire(key, LEDGER_TTL).execute()
     return int(n)
+
+
+BEAT_TICKS_KEY = "taskfleet:beat:ticks"
+
+
+@app.task(bind=True, ignore_result=True)
+def beat_tick(self: Any) -> None:
+    """The example periodic task (TASKFLEET_BEAT_EXAMPLE_SECONDS): append one JSON record of
+    this run -- when, which node sent it (beat's host, in the message's origin) and which worker
+    ran it -- to the Redis list taskfleet:beat:ticks (last 1000 kept), so duplicates show."""
+    record = {"at": time.time(), "id": self.request.id, "origin": self.request.origin,
+              "worker": self.request.hostname}
+    client = self.app.backend.client  # the result backend's Redis connection (TLS and all)
+    with client.pipeline() as pipe:
+        pipe.rpush(BEAT_TICKS_KEY, json.dumps(record)).ltrim(BEAT_TICKS_KEY, -1000, -1).execute()
