@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,14 +47,17 @@ else:
     print(json.dumps([x.decode() for x in r.lrange(sys.argv[2], 0, -1)]))
 """
 
-# Results of task ids given on stdin, one JSON value per line (null if not done in time).
+# Results of task ids given on stdin, one JSON value per line (an exception name if none).
 RESULTS = """
 import json, sys
 from app.cli import celery_app
+import time
 app = celery_app()
+deadline = time.monotonic() + 120  # for all of them: a lost task must not cost 120 s each
 for line in sys.stdin.read().split():
     try:
-        print(json.dumps(app.AsyncResult(line).get(timeout=60)))
+        wait = max(1.0, deadline - time.monotonic())
+        print(json.dumps(app.AsyncResult(line).get(timeout=wait)))
     except Exception as exc:
         print(json.dumps(f"{type(exc).__name__}"))
 """
@@ -177,46 +179,74 @@ def _new_connections(cluster: Cluster) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-class Submitter(threading.Thread):
-    """Submits one task after another from the controller until stopped (bounded in count),
-    keeping the id of every task the broker accepted."""
+# Submits add(i, 1000) every 0.3 s until the stop file appears (bounded in count and time),
+# one line per try: [task id, expected value] when the broker accepted it, else ["refused", ..].
+# One process, re-reading the env file for every task: a deploy that switches the URL is
+# followed at once, without the CPU of a new interpreter per task slowing the deploy down.
+SUBMITTER = """
+import json, sys, time
+from pathlib import Path
+from celery import Celery
+from dotenv import dotenv_values
+from app.config import celery_settings, read_settings
+env_file, stop, deadline = sys.argv[1], Path(sys.argv[2]), time.monotonic() + 600
+for i in range(2000):
+    if stop.exists() or time.monotonic() > deadline:
+        break
+    try:
+        app = Celery("submitter")
+        app.config_from_object(celery_settings(read_settings(dotenv_values(env_file))))
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)
+            result = app.send_task("app.tasks.add", (i, 1000), connection=conn, retry=False)
+        print(json.dumps([result.id, i + 1000]), flush=True)
+    except Exception as exc:
+        print(json.dumps(["refused", type(exc).__name__]), flush=True)
+    time.sleep(0.3)
+"""
 
-    def __init__(self, cluster: Cluster, limit: int = 300) -> None:
-        super().__init__(daemon=True)
-        self.cluster, self.limit = cluster, limit
-        self.accepted: dict[str, int] = {}
-        self.refused = 0
-        self.stop = threading.Event()
 
-    def run(self) -> None:
-        for i in range(self.limit):
-            if self.stop.is_set():
-                return
-            proc = self.cluster.app("submit", "add", str(i), "1000", timeout=30)
-            if proc.returncode == 0:
-                self.accepted[proc.stdout.strip()] = i + 1000
+class Submitter:
+    """Tasks submitted from the controller while a deploy runs; the ids the broker accepted."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.tmp = tempfile.TemporaryDirectory()
+        self.stop_file = Path(self.tmp.name) / "stop"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SUBMITTER, str(cluster.env_file), str(self.stop_file)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(self) -> tuple[dict[str, int], int]:
+        self.stop_file.touch()
+        out, err = self.proc.communicate(timeout=60)
+        self.tmp.cleanup()
+        assert self.proc.returncode == 0, err
+        accepted, refused = {}, 0
+        for line in out.splitlines():
+            key, value = json.loads(line)
+            if key == "refused":
+                refused += 1
             else:
-                self.refused += 1
-                time.sleep(0.5)
+                accepted[key] = value
+        return accepted, refused
 
 
 def _rolling_deploy(cluster: Cluster, label: str, **values: object) -> None:
     """Set variables and rerun deploy.yml while tasks keep coming: every accepted one runs."""
     submitter = Submitter(cluster)
-    submitter.start()
     try:
         set_vars(cluster, **values)
         deploy_ok(cluster, label)
     finally:
-        submitter.stop.set()
-        submitter.join(timeout=60)
-    ids = list(submitter.accepted)
-    print(f"\n[{label}] {len(ids)} tasks accepted during the deploy, {submitter.refused} refused")
+        accepted, refused = submitter.finish()
+    ids = list(accepted)
+    print(f"\n[{label}] {len(ids)} tasks accepted during the deploy, {refused} refused")
     assert len(ids) >= 5, "too few tasks submitted during the deploy to prove anything"
     proc = controller_py(cluster, RESULTS, stdin="\n".join(ids), timeout=300)
     assert proc.returncode == 0, proc.stderr
     results = [json.loads(line) for line in proc.stdout.split()]
-    lost = [(i, r) for i, r in zip(ids, results, strict=True) if r != submitter.accepted[i]]
+    lost = [(i, r) for i, r in zip(ids, results, strict=True) if r != accepted[i]]
     assert not lost, f"{len(lost)} of {len(ids)} accepted tasks lost: {lost[:5]}"
 
 
