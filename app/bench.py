@@ -468,7 +468,7 @@ def remote_latency(inventory: Path, sizes: Sizes) -> tuple[str, dict[str, Any]] 
     log(f"latency: running on {client}")
     # = `taskfleet bench ...` (the host's wrapper), spelled out so it needs no PATH.
     cmd = (f"env TASKFLEET_ENV_FILE={HOST_ENV_FILE} {HOST_PYTHON} -m app bench --only latency "
-           f"--json --samples {sizes.samples} --repeat {sizes.repeat}")
+           f"--json --baseline-running --samples {sizes.samples} --repeat {sizes.repeat}")
     proc = run_cmd([ansible, "-i", str(inventory), client, "-m", "ansible.builtin.command",
                     "-a", cmd], timeout=300)
     for line in proc.stdout.splitlines():
@@ -719,6 +719,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--fire", type=int, help="tasks per fire-and-forget run (default 2000)")
     p.add_argument("--samples", type=int, help="round trips per latency run (default 200)")
     p.add_argument("--no-baseline", action="store_true", help="measure the kit only")
+    p.add_argument("--baseline-running", action="store_true",
+                   help="use baseline workers that are already running (the controller's bench "
+                        "starts them before it runs the latency part on a client host)")
     p.add_argument("--deploy", action="store_true",
                    help="time a no-change deploy.yml re-run now (needs --inventory)")
     p.add_argument("--profile", type=Path, metavar="FILE",
@@ -778,7 +781,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     need_workers = bool(parts - {"deploy"} - ({"latency"} if remote_lat else set()))
     baseline_workers = None
     try:
-        if base and (need_workers or remote_lat):
+        if base and (need_workers or remote_lat) and not args.baseline_running:
             baseline_workers = BaselineWorkers(args.inventory, [n.host for n in kit.nodes])
             baseline_workers.start()
         if base:
