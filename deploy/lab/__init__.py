@@ -280,6 +280,7 @@ class Lab:
         subnet = parse_subnet(state["subnet"])
         dns = network.controller_nameserver()
         pubkey = Path(f"{self.key}.pub").read_text()
+        hostmod.raise_inotify_limit()
 
         def prepare(name: str) -> None:
             h = state["hosts"][name]

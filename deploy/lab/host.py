@@ -16,6 +16,18 @@ from pathlib import Path
 
 from .util import LabError, run
 
+# Every host's systemd, journald, logind and networkd take inotify instances, and all of them
+# count against root on the controller (no user namespace). The kernel default of 128 runs out
+# at about 15 hosts, and systemd then dies at boot with "Failed to allocate manager object".
+INOTIFY_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
+MIN_INOTIFY_INSTANCES = 1024
+
+
+def raise_inotify_limit() -> None:
+    """Raise fs.inotify.max_user_instances to what a few labs of hosts need (never lower it)."""
+    if int(INOTIFY_INSTANCES.read_text()) < MIN_INOTIFY_INSTANCES:
+        INOTIFY_INSTANCES.write_text(f"{MIN_INOTIFY_INSTANCES}\n")
+
 
 class HostDir:
     def __init__(self, path: Path) -> None:
