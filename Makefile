@@ -52,7 +52,16 @@ test-integration: venv system-deps
 test-lab: venv system-deps
 	$(BIN)/pytest -q -m lab
 
-test: venv system-deps lint
+# The lab's base images (about a minute, cold) build in the background while lint runs.
+test: venv system-deps
+	@mkdir -p .cache
+	@if [ "$$(id -u)" = 0 ]; then \
+	  echo "+ $(LAB) images  # in the background: .cache/lab-images.log"; \
+	  $(LAB) images > .cache/lab-images.log 2>&1 & pid=$$!; \
+	fi; \
+	$(MAKE) --no-print-directory lint; lint=$$?; \
+	images=0; if [ -n "$$pid" ]; then wait $$pid; images=$$?; cat .cache/lab-images.log; fi; \
+	[ $$lint -eq 0 ] && [ $$images -eq 0 ]
 	$(BIN)/pytest
 
 demo: venv system-deps

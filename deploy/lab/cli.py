@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from . import Lab, preflight
+from . import Lab, image, preflight
 from .image import DISTROS
 from .inventory import ALL_GROUPS
 from .util import LabError, die
@@ -55,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
                        ("heal", "restore its network")]:
         sub.add_parser(name, help=text).add_argument("host")
     sub.add_parser("down", help="stop all hosts, remove everything the lab made")
+    images = sub.add_parser("images", help="build (or check) the cached base images only")
+    images.add_argument("--distros", type=_distros, default=list(DISTROS))
     return p
 
 
@@ -94,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             os.execvp(argv_[0], argv_)  # noqa: S606 -- exit code of the remote command passes through
         elif cmd == "down":
             lab.down()
+        elif cmd == "images":
+            for distro, seconds in image.ensure_images(args.distros).items():
+                built = f"built in {seconds:.0f} s" if seconds is not None else "cached"
+                print(f"{distro:<10} {built:<16} {image.image_dir(distro)}")
         else:
             getattr(lab, cmd)(args.host)
     except LabError as exc:
