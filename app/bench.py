@@ -473,7 +473,10 @@ def remote_latency(inventory: Path, sizes: Sizes) -> tuple[str, dict[str, Any]] 
                     "-a", cmd], timeout=300)
     for line in proc.stdout.splitlines():
         if line.startswith(JSON_MARK):
-            return client, json.loads(line[len(JSON_MARK):])["latency"]
+            # Ansible prints the remote stdout (its last newline stripped) and stderr right
+            # after it: decode the one JSON object and ignore what follows.
+            remote, _ = json.JSONDecoder().raw_decode(line[len(JSON_MARK):])
+            return client, remote["figures"]["latency"]
     raise BenchError(f"no result line from the latency run on {client}")
 
 
