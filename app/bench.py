@@ -79,7 +79,7 @@ class Sizes:
     repeat: int
 
 
-FULL = Sizes(tasks=1000, fire=2000, rounds=20, samples=200, repeat=3)
+FULL = Sizes(tasks=500, fire=1000, rounds=20, samples=200, repeat=3)
 QUICK = Sizes(tasks=100, fire=200, rounds=5, samples=20, repeat=1)
 
 
@@ -718,8 +718,8 @@ def add_parser(subparsers: Any) -> None:
                    help="tiny sizes, one repeat: checks the whole path in well under a minute")
     p.add_argument("--only", help=f"comma-separated parts: {','.join(PARTS)} (default: all)")
     p.add_argument("--hosts", type=int, default=3, help="most worker hosts to use (default 3)")
-    p.add_argument("--tasks", type=int, help="tasks per throughput run (default 1000)")
-    p.add_argument("--fire", type=int, help="tasks per fire-and-forget run (default 2000)")
+    p.add_argument("--tasks", type=int, help="tasks per throughput run (default 500)")
+    p.add_argument("--fire", type=int, help="tasks per fire-and-forget run (default 1000)")
     p.add_argument("--samples", type=int, help="round trips per latency run (default 200)")
     p.add_argument("--no-baseline", action="store_true", help="measure the kit only")
     p.add_argument("--baseline-running", action="store_true",
