@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 LAB := $(PY) -m deploy.lab
 # Debian packages the tests and the lab need on the controller.
-DEBS := make redis-server systemd-container debootstrap iptables iproute2 openssh-client
+DEBS := make redis-server systemd-container debootstrap iptables iproute2 openssh-client \
+        tcpdump chromium
 LAB_ENV := TASKFLEET_ENV_FILE=inventory/lab/taskfleet.env
 
 .PHONY: help test test-fast test-integration test-lab lint venv system-deps demo demo-down \

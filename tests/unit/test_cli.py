@@ -14,7 +14,7 @@ import pytest
 from app import cli
 
 ROOT = cli.__file__.rsplit("/app/", 1)[0]
-KNOWN = "add, cpu, noop, sleep, whoami"
+KNOWN = "add, beat_tick, cpu, mark, noop, sleep, whoami"
 
 
 @pytest.fixture
