@@ -26,7 +26,7 @@ def check(env, args, code, message):
 
 @pytest.mark.parametrize(("args", "message"), [
     (("submit", "nope", "1"),
-     "unknown task 'nope'; known tasks: add, cpu, noop, sleep, whoami"),
+     "unknown task 'nope'; known tasks: add, beat_tick, cpu, mark, noop, sleep, whoami"),
     (("submit", "add", "10"),
      "wrong arguments for add: missing a required argument: 'y'; usage: add(x, y)"),
     (("submit", "add", "1", "2", "--kwargs", "{not json"),
