@@ -650,6 +650,8 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---|",
     ]
     lines += [f"| {' | '.join(r)} |" for r in table_rows(result)]
+    if result.get("deploy"):
+        lines += ["", f"Deploy times: {result['deploy']['source']}."]
     wtg = where_time_goes(result)
     if wtg:
         lines += ["", "Where the time goes (throughput with results, per task):", ""]
@@ -677,7 +679,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.set_xticks([r["hosts"] for r in rows] or [1])
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_lines():
+            ax.legend()
     axes[0].set_ylim(bottom=0)
     axes[1].set_ylim(0, 105)
     fig.suptitle(f"Taskfleet vs plain Celery ({result['hardware']['nproc']} cores, "

@@ -49,7 +49,7 @@ def test_quick_bench_end_to_end(cluster, tmp_path):
     doc = tmp_path / "PERFORMANCE.md"
     from app.bench import DOC_BEGIN, DOC_END
 
-    doc.write_text(f"# Performance\n\nintro\n\n{DOC_BEGIN}\nold\n{DOC_END}\n\nafter\n")
+    doc.write_text(f"# Performance\n\nintro\n\n{DOC_BEGIN}\nSTALE-TABLE\n{DOC_END}\n\nafter\n")
     start = time.monotonic()
     proc = bench(cluster, "--quick", "--inventory", str(cluster.inventory), "--out", str(out))
     record_timing("bench --quick (kit + baseline, all parts)", time.monotonic() - start)
@@ -89,7 +89,7 @@ def test_quick_bench_end_to_end(cluster, tmp_path):
     png = (out / "scaling.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
     text = doc.read_text()
-    assert "old" not in text and "| figure | kit | baseline | ratio | target |" in text
+    assert "STALE-TABLE" not in text and "| figure | kit | baseline | ratio | target |" in text
     assert text.endswith(f"{DOC_END}\n\nafter\n")
 
     # The baseline workers are gone: no transient unit, no baseline node answering.
