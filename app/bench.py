@@ -651,7 +651,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     lines += [f"| {' | '.join(r)} |" for r in table_rows(result)]
     if result.get("deploy"):
-        lines += ["", f"Deploy times: {result['deploy']['source']}."]
+        lines += ["", f"Deploy times (no baseline to compare): {result['deploy']['source']}, "
+                  "as recorded by the lab tests (`make test-lab`) unless marked measured."]
     wtg = where_time_goes(result)
     if wtg:
         lines += ["", "Where the time goes (throughput with results, per task):", ""]
