@@ -66,11 +66,18 @@ class Run:
         return hosts
 
 
+def clean_environ() -> dict[str, str]:
+    """os.environ without app settings: lab commands must take theirs from the deploy's env
+    file, never from a variable an earlier test (or the developer's shell) left behind."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("CELERY_", "TASKFLEET_"))}
+
+
 def ansible_playbook(inventory: Path, playbook: str = "deploy.yml", *args: str,
                      timeout: float = 900) -> Run:
     """Run the real ansible-playbook from the repo root; output is kept for assertions."""
     cmd = [str(BIN / "ansible-playbook"), "-i", str(inventory), playbook, *args]
-    env = os.environ | {"ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1",
+    env = clean_environ() | {"ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1",
                         "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
@@ -93,7 +100,7 @@ class Cluster:
     def app(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None,
             check: bool = False) -> subprocess.CompletedProcess[str]:
         """`python -m app ...` on the controller, configured by the deploy's env file."""
-        full_env = os.environ | {"TASKFLEET_ENV_FILE": str(self.env_file)} | (env or {})
+        full_env = clean_environ() | {"TASKFLEET_ENV_FILE": str(self.env_file)} | (env or {})
         return subprocess.run([sys.executable, "-m", "app", *args], cwd=REPO, env=full_env,
                               capture_output=True, text=True, timeout=timeout, check=check)
 

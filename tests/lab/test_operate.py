@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, Cluster, record_timing
+from .conftest import REPO, Cluster, clean_environ, record_timing
 
 pytestmark = pytest.mark.lab
 
@@ -68,7 +67,7 @@ for line in sys.stdin.read().split():
 
 def controller_py(cluster: Cluster, code: str, *args: str, stdin: str | None = None,
                   timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"TASKFLEET_ENV_FILE": str(cluster.env_file)}
+    env = clean_environ() | {"TASKFLEET_ENV_FILE": str(cluster.env_file)}
     return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, input=stdin,
                           capture_output=True, text=True, timeout=timeout, check=False)
 

@@ -11,9 +11,11 @@ import pytest
 UNIT_BROKER = "redis://taskfleet:unit-secret@127.0.0.1:1/0"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def app_env(tmp_path_factory):
-    """Environment for importing app.celery once in this process (settings are read once)."""
+    """Environment for importing app.celery once in this process (settings are read once).
+
+    Package scope: undone when the unit tests end, before other suites run in this process."""
     from app.config import get_settings
 
     mp = pytest.MonkeyPatch()
