@@ -8,15 +8,13 @@ PNG, and no baseline worker left running afterwards.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 
 import pytest
 
-from .conftest import REPO, record_timing
+from .conftest import record_timing
 
 pytestmark = pytest.mark.lab
 
@@ -24,9 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def bench(cluster, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"TASKFLEET_ENV_FILE": str(cluster.env_file)}
-    return subprocess.run([sys.executable, "-m", "app", "bench", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return cluster.app("bench", *args, timeout=timeout)
 
 
 def positive(x) -> bool:
