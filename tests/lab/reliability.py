@@ -71,9 +71,10 @@ def _details(key: str, row: dict) -> str:
     if key == "redis-kill":
         facts.append(f"Redis back after {row.get('redis_back_s')} s")
         facts.append(f"workers consuming again after {row.get('workers_resumed_s')} s")
+        facts.append(f"whole batch done {row.get('batch_done_s')} s after the kill")
         facts.append(f"{row.get('failed_submissions', 0)} submissions refused during the outage")
         cli = row.get("cli") or {}
-        facts.append(f"CLI `submit --count 3000`: {cli.get('accepted')} accepted, "
+        facts.append(f"CLI `submit --count {cli.get('count', '?')}`: {cli.get('accepted')} accepted, "
                      f"{cli.get('ran')} ran, exit {cli.get('exit')}")
         if row.get("workers_restarted"):
             facts.append(f"restarted by systemd: {row['workers_restarted']}")
@@ -181,6 +182,16 @@ GUIDANCE = """\
   (`worker_cancel_long_running_tasks_on_connection_loss`) and run again after the visibility
   timeout. Celery's old "worker stops consuming after a Redis restart" bugs (celery#8091,
   celery#9054, fixed by kombu#2007 in kombu 5.4) are checked on the pinned versions on every run.
+- **Two bugs found here, and what holds against them.** (1) Redis 7.0/8.0 replay MULTI/EXEC
+  from the AOF as the `default` user and re-check its ACL (redis#14541, valkey#3983): with
+  `user default off -@all` every transaction — kombu's unacked bookkeeping, results, the
+  ledger — vanished on restart and accepted tasks were lost. The role now writes
+  `user default off ~* &* +@all`: nobody can log in as `default`, the replay keeps everything.
+  (2) kombu 5.7 sometimes crashes the worker's main process while closing the dead connection
+  (`Unrecoverable error: AttributeError: 'NoneType' object has no attribute 'hostname'`, the
+  kombu#582 family); the worker unit's `Restart=always` (`celery_worker_restart_sec`, 5 s)
+  brings it back, so the worker consumes again within seconds without anyone acting. The
+  table's redis-kill details list the workers systemd restarted.
 - **Clients** see a refused publish as an error: `taskfleet submit --count N` prints
   `submitted k/N` and `N-k submissions failed` with the first error, and exits 1.
 - **Network partition** of a worker: its connection is dropped by the socket timeout and health
