@@ -74,8 +74,8 @@ def _details(key: str, row: dict) -> str:
         facts.append(f"whole batch done {row.get('batch_done_s')} s after the kill")
         facts.append(f"{row.get('failed_submissions', 0)} submissions refused during the outage")
         cli = row.get("cli") or {}
-        facts.append(f"CLI `submit --count {cli.get('count', '?')}`: {cli.get('accepted')} accepted, "
-                     f"{cli.get('ran')} ran, exit {cli.get('exit')}")
+        facts.append(f"CLI `submit --count {cli.get('count', '?')}`: {cli.get('accepted')} "
+                     f"accepted, {cli.get('ran')} ran, exit {cli.get('exit')}")
         if row.get("workers_restarted"):
             facts.append(f"restarted by systemd: {row['workers_restarted']}")
     if key == "partition":
