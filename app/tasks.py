@@ -11,9 +11,36 @@ from __future__ import annotations
 import json
 import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .celery import app
+
+T = TypeVar("T")
+
+# How long a task waits for Redis to come back before its own Redis write fails the task.
+# A task that fails on a write during a Redis restart is still acknowledged (late ack acks
+# failures too), so without this wait its write would be lost although the task ran.
+REDIS_WRITE_PATIENCE = 60.0
+
+
+def redis_write(write: Callable[[], T], patience: float = REDIS_WRITE_PATIENCE) -> T:
+    """Run `write` (a Redis command or pipeline), retrying on connection loss with backoff
+    (0.2 s doubling to 2 s) for up to `patience` seconds. A write that reached Redis just
+    before the connection broke may be applied twice: use it for writes that tolerate that."""
+    deadline = time.monotonic() + patience
+    delay = 0.2
+    while True:
+        try:
+            return write()
+        except (RedisConnectionError, RedisTimeoutError):
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 # `mark` appends to Redis lists under this prefix; each list expires a day after its last run.
 LEDGER_PREFIX = "taskfleet:ledger:"
@@ -74,8 +101,9 @@ def mark(batch: str, n: int, seconds: float = 0) -> int:
     key = f"{LEDGER_PREFIX}{batch}"
     entry = f"{int(n)}@{socket.gethostname()}@{time.time():.3f}"
     # The result backend's redis-py client: same Redis, same ACL user, no extra connection pool.
-    with app.backend.client.pipeline() as pipe:  # MULTI: the entry and its expiry together
-        pipe.rpush(key, entry).expire(key, LEDGER_TTL).execute()
+    # MULTI: the entry and its expiry together; retried through a Redis restart.
+    redis_write(lambda: app.backend.client.pipeline().rpush(key, entry)
+                .expire(key, LEDGER_TTL).execute())
     return int(n)
 
 
@@ -90,5 +118,5 @@ def beat_tick(self: Any) -> None:
     record = {"at": time.time(), "id": self.request.id, "origin": self.request.origin,
               "worker": self.request.hostname}
     client = self.app.backend.client  # the result backend's Redis connection (TLS and all)
-    with client.pipeline() as pipe:
-        pipe.rpush(BEAT_TICKS_KEY, json.dumps(record)).ltrim(BEAT_TICKS_KEY, -1000, -1).execute()
+    redis_write(lambda: client.pipeline().rpush(BEAT_TICKS_KEY, json.dumps(record))
+                .ltrim(BEAT_TICKS_KEY, -1000, -1).execute())
