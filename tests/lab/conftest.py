@@ -42,7 +42,7 @@ def record_timing(name: str, seconds: float) -> None:
     print(f"\n[timing] {name}: {seconds:.1f} s")
 
 
-def _lab_missing() -> str | None:
+def lab_missing() -> str | None:
     if os.geteuid() != 0:
         return "lab tests need root (systemd-nspawn, bridges, mounts)"
     if shutil.which("systemd-nspawn") is None or shutil.which("debootstrap") is None:
@@ -120,7 +120,7 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def lab():
-    reason = _lab_missing()
+    reason = lab_missing()
     if reason:
         pytest.skip(reason)
     from deploy.lab import Lab

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,27 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import REPO, TIMINGS, lab_missing, record_timing
+
 pytestmark = pytest.mark.lab
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # `pytest` (not `python -m pytest`) does not add the repo root
-    sys.path.insert(0, str(REPO))
 NAME, SUBNET = "labtest", "10.78.0.0/24"
 SHAPE = {"redis": 1, "workers": 2, "clients": 0, "spare": 1, "distros": ("bookworm", "trixie")}
-TIMINGS: dict[str, float] = {}
-
-
-def _timing(name: str, seconds: float) -> None:
-    TIMINGS[name] = round(seconds, 1)
-    print(f"\n[timing] {name}: {seconds:.1f} s")
-
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "lab tests need root (systemd-nspawn, mounts, bridges)"
-    if shutil.which("systemd-nspawn") is None:
-        return "lab tests need systemd-nspawn (apt-get install -y systemd-container)"
-    return None
 
 
 def tcp_open(ip: str, attempts: int = 1, timeout: float = 1.0) -> bool:
@@ -113,7 +97,7 @@ def kill_everything(lab) -> None:
 
 @pytest.fixture(scope="module")
 def tl():
-    reason = _skip_reason()
+    reason = lab_missing()
     if reason:
         pytest.skip(reason)
     from deploy.lab import Lab, image
@@ -126,13 +110,14 @@ def tl():
     lab.up(**SHAPE)
     took = time.monotonic() - start
     for d, built in lab.timings.get("image_build", {}).items():
-        _timing(f"image build cold ({d}, this run)", built)
+        record_timing(f"image build cold ({d}, this run)", built)
     for d, path in cold.items():
         info = path / image.BUILD_INFO
         if was_cached[d] and info.exists():
-            _timing(f"image build cold ({d}, when cached)", json.loads(info.read_text())["seconds"])
+            record_timing(f"image build cold ({d}, when cached)",
+                          json.loads(info.read_text())["seconds"])
     key = "lab up 4 hosts (cached images)" if all(was_cached.values()) else "lab up 4 hosts (cold)"
-    _timing(key, took)
+    record_timing(key, took)
     yield lab
     lab.down()
     assert leftovers(lab) == []
@@ -190,11 +175,11 @@ def test_up_again_changes_nothing_and_add_scales_out(tl):
     before = {h["name"]: h["init_pid"] for h in tl.status()}
     start = time.monotonic()
     tl.up(**SHAPE)
-    _timing("lab up again (no change)", time.monotonic() - start)
+    record_timing("lab up again (no change)", time.monotonic() - start)
     assert {h["name"]: h["init_pid"] for h in tl.status()} == before
     start = time.monotonic()
     tl.add("worker3", "workers")
-    _timing("lab add worker3", time.monotonic() - start)
+    record_timing("lab add worker3", time.monotonic() - start)
     assert inventory_groups(tl.inventory_path)["workers"] == ["worker1", "worker2", "worker3"]
     assert tl.ssh("worker3", "hostname").stdout.strip() == "worker3"
     assert {h["name"]: h["init_pid"] for h in tl.status() if h["name"] != "worker3"} == before
@@ -217,13 +202,13 @@ def test_crash_kills_everything_and_start_keeps_the_disk(tl):
     start = time.monotonic()
     tl.crash("worker1")
     assert wait_closed(ip, 5), "host still answers on port 22 after crash"
-    _timing("crash -> unreachable", time.monotonic() - start)
+    record_timing("crash -> unreachable", time.monotonic() - start)
     assert not [p for p in procs if Path(f"/proc/{p}").exists()
                 and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]]
     assert states(tl)["worker1"] == "crashed"
     start = time.monotonic()
     tl.start("worker1")
-    _timing("start after crash", time.monotonic() - start)
+    record_timing("start after crash", time.monotonic() - start)
     assert states(tl)["worker1"] == "running"
     assert tl.ssh("worker1", "cat /root/before-crash").stdout.strip() == "survived"
 
@@ -267,7 +252,7 @@ def test_down_removes_everything_and_up_recovers_from_stale_runs(tl):
     assert any(p.startswith(str(tl.state_dir)) for p in host.mountpoints())
     start = time.monotonic()
     tl.up(redis=1, workers=1)
-    _timing("lab up over a killed run (2 hosts)", time.monotonic() - start)
+    record_timing("lab up over a killed run (2 hosts)", time.monotonic() - start)
     assert set(states(tl).values()) == {"running"}
     assert tl.ssh("worker1", "hostname").stdout.strip() == "worker1"
 
