@@ -256,9 +256,14 @@ def celery_settings(s: Settings) -> dict[str, Any]:
         # Results carry the worker node name ("worker" in the meta): the CLI's batch summary
         # counts tasks per worker from it; args/kwargs/queue are stored too, for debugging.
         "result_extended": True,
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
-        "task_track_started": True,
+        # No per-task monitoring traffic by default: a task event is a PUBLISH (and JSON
+        # encoding) per state change, the STARTED state a SET + PUBLISH per task, all on the
+        # path of every task. Flower switches worker events on at run time when it runs (its
+        # enable_events option), so the dashboard still works where it is deployed. A task
+        # that wants a STARTED state says so itself: @app.task(track_started=True).
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        "task_track_started": False,
         "worker_pool": s.worker_pool,
         "worker_concurrency": s.worker_concurrency,
         # Celery reads None as unlimited; 0 is our documented spelling of it.

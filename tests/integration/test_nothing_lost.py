@@ -32,10 +32,13 @@ def kill_cluster(redis_server, tmp_path_factory):
 
 
 def started(result):
-    """The STARTED meta (task_track_started) gives the pool process pid and the node."""
-    meta = result.backend.get_task_meta(result.id)
-    if meta["status"] == "STARTED":
-        return meta["result"]
+    """Where the task runs now: {"hostname", "pid"} of the pool process, from inspect active."""
+    # limit: return as soon as both test workers answered, not after the whole timeout.
+    active = result.app.control.inspect(timeout=1.0, limit=2).active() or {}
+    for node, tasks in active.items():
+        for t in tasks:
+            if t["id"] == result.id:
+                return {"hostname": node, "pid": t["worker_pid"]}
     return None
 
 
@@ -70,8 +73,8 @@ def test_killed_worker_task_runs_on_the_other_worker(kill_cluster):
     # kombu keeps the message in the 'unacked' hash; the surviving worker's restore sweep
     # puts it back in the queue once it is older than the visibility timeout.
     def started_again():
-        meta = result.backend.get_task_meta(result.id)
-        return meta["status"] != "STARTED" or meta["result"] != info
+        now = started(result)
+        return result.ready() or (now is not None and now["hostname"] == other.name)
 
     wait_for(started_again, VISIBILITY + 15, "the task to start again", 0.2)
     restarted = time.monotonic() - killed

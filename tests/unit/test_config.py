@@ -197,8 +197,9 @@ def test_celery_settings_reliability():
     assert conf["broker_transport_options"]["socket_timeout"] == 5
     assert conf["redis_socket_connect_timeout"] == 2
     assert conf["worker_prefetch_multiplier"] == 1
-    assert conf["result_extended"] is conf["task_track_started"] is True
-    assert conf["worker_send_task_events"] is conf["task_send_sent_event"] is True
+    assert conf["result_extended"] is True
+    assert conf["task_track_started"] is False
+    assert conf["worker_send_task_events"] is conf["task_send_sent_event"] is False
     assert conf["worker_max_tasks_per_child"] is None  # 0 means unlimited
     assert (conf["task_time_limit"], conf["task_soft_time_limit"]) == (300, 270)
     assert conf["task_default_queue"] == "celery"
