@@ -157,7 +157,8 @@ def markdown(data: dict) -> str:
     for key, row in _ordered(data.get("security", {}), CHECKS):
         lines.append(f"| {row.get('title', key)} | {row.get('result', '')} | "
                      f"{'pass' if row.get('passed') else '**FAIL**'} |")
-    lines += ["", GUIDANCE.format(vt=s.get("visibility_timeout")), "",
+    lines += ["", GUIDANCE.format(vt=s.get("visibility_timeout"),
+                                   sweep=s.get("unacked_restore_interval", "?")), "",
               *production_table(s)]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -170,7 +171,7 @@ GUIDANCE = """\
   hash. After the **visibility timeout** any live worker's periodic sweep (kombu
   `restore_visible`, every `unacked_restore_interval` = timeout / 10, throttle 1) puts them back
   in their queue. Time to recover is therefore *visibility timeout + sweep interval + the task's
-  own run time*: {vt} s + 3 s + 2 s in the lab. A worker that is only *stopped* (deploy,
+  own run time*: {vt} s + {sweep} s + 2 s in the lab. A worker that is only *stopped* (deploy,
   scale-in, `systemctl stop`) requeues what it holds at once: its warm shutdown closes the
   channel, which restores its unacked messages.
 - **Redis dies** (`SIGKILL`, OOM kill). systemd restarts it (`Restart=always`); the append-only
