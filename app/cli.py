@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .config import QUEUE_RE, ConfigError, Settings, get_settings
+from .publish import BATCH
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -208,6 +209,9 @@ class Submit:
                        help="queue to send to (default: TASKFLEET_DEFAULT_QUEUE)")
         p.add_argument("--count", metavar="N", type=positive(int), default=1,
                        help="send N copies on one connection (default 1)")
+        p.add_argument("--batch", metavar="B", type=positive(int), default=BATCH,
+                       help=f"with --count: tasks per Redis round trip (default {BATCH}; "
+                            "1 = each task confirmed by Redis before the next is sent)")
         p.add_argument("--wait", action="store_true",
                        help="wait for the result(s); with --count print a summary")
         p.add_argument("--timeout", metavar="S", type=positive(float), default=60.0,
@@ -252,33 +256,43 @@ class Submit:
     @staticmethod
     def many(app: Celery, task: Task, call_args: list[Any], call_kwargs: dict[str, Any],
              queue: str, args: argparse.Namespace) -> int:
-        results, failed, streak, first_error = [], 0, 0, None
+        from .publish import BatchPublisher, PublishFailed
+
+        unconfirmed, streak, first_error = 0, 0, None
         bar = Progress("publishing", args.count)
         start = time.monotonic()
-        # One producer, hence one connection, for the whole batch: no connection set-up or
-        # pool round trip per message.
-        with app.producer_or_acquire() as producer:
-            for i in range(args.count):
-                try:
-                    results.append(task.apply_async(
-                        call_args, call_kwargs, queue=queue, producer=producer))
-                    streak = 0
-                except Exception as exc:  # counted and reported below, never dropped silently
-                    failed, streak = failed + 1, streak + 1
-                    first_error = first_error or exc
-                    if streak >= 10:  # Redis is gone: do not spend a retry cycle per message
-                        failed = args.count - len(results)
-                        break
-                bar.update(i + 1)
+        # One connection for the whole burst, `--batch` tasks per Redis round trip.
+        pub = BatchPublisher(app, args.batch)
+        try:
+            with pub:
+                for i in range(args.count):
+                    try:
+                        pub.send(task, call_args, call_kwargs, queue=queue)
+                        streak = 0
+                    except PublishFailed as exc:  # counted and reported, never dropped silently
+                        unconfirmed, streak = unconfirmed + exc.uncertain, streak + 1
+                        first_error = first_error or exc.cause
+                        if streak >= 10:  # Redis is gone: do not spend a retry cycle per batch
+                            break
+                    bar.update(i + 1)
+        except PublishFailed as exc:  # the last batch, sent when the block ends
+            unconfirmed += exc.uncertain
+            first_error = first_error or exc.cause
+        results = pub.accepted
+        failed = args.count - len(results)
         bar.close(len(results) + failed)
+        release(pub.unconfirmed)
         published = time.monotonic() - start
         print(f"submitted {len(results)}/{args.count} tasks to queue {queue!r} in "
               f"{published:.2f} s ({rate(len(results), published)})")
         if first_error is not None:
             from .connection import scrub
 
-            print(f"{PROG}: error: {failed} submissions failed; first error: "
-                  f"{scrub(str(first_error), app.conf.broker_url)}", file=sys.stderr)
+            never = failed - unconfirmed
+            print(f"{PROG}: error: {failed} submissions failed ({unconfirmed} unconfirmed: "
+                  f"Redis failed during their batch, they may still run; {never} not sent); "
+                  f"first error: {scrub(str(first_error), app.conf.broker_url)}",
+                  file=sys.stderr)
         try:
             if args.wait and results:
                 code = Submit.collect(app, results, args.timeout, start, queue)

@@ -90,14 +90,17 @@ def test_status_lists_both_workers_and_queue(cluster):
     assert any(line.split() == ["celery", "0"] for line in lines), proc.stdout
 
 
-def test_status_counts_waiting_messages_in_a_queue_nobody_consumes(cluster,
-                                                                    redis_server):
+@pytest.mark.parametrize("count,batch", [(3, 100), (250, 100), (7, 1)])
+def test_status_counts_waiting_messages_in_a_queue_nobody_consumes(cluster, redis_server,
+                                                                    count, batch):
+    """Every task of a burst reaches Redis: full batches, the last partial one, unbatched."""
     env = {**cluster.env, "TASKFLEET_DEFAULT_QUEUE": "parked"}
-    sent = run_cli(env, "submit", "noop", "--count", "3")
+    sent = run_cli(env, "submit", "noop", "--count", str(count), "--batch", str(batch))
     assert sent.returncode == 0, sent.stderr
+    assert f"submitted {count}/{count} tasks" in sent.stdout
     try:
         proc = run_cli(env, "status", "--timeout", "1")
-        assert any(line.split() == ["parked", "3"] for line in proc.stdout.splitlines()), \
+        assert any(line.split() == ["parked", str(count)] for line in proc.stdout.splitlines()), \
             proc.stdout
     finally:
         redis_server.admin().delete("parked")

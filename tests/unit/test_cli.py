@@ -170,16 +170,44 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
         "\rpublishing [" + "#" * 30 + "] 4/4\n")
 
 
+class FakeBatch:
+    """Producer.batch(): its exit is the flush; flushes listed in `fail_on` fail."""
+
+    def __init__(self, producer: FakeProducer) -> None:
+        self.producer = producer
+
+    def __enter__(self) -> FakeBatch:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            return
+        self.producer.flushes += 1
+        if self.producer.flushes in self.producer.fail_flushes:
+            raise ConnectionError("Connection reset by peer")
+
+
+class FakeProducer:
+    def __init__(self, fail_flushes: set[int]) -> None:
+        self.flushes, self.fail_flushes, self.declared = 0, fail_flushes, 0
+
+    def maybe_declare(self, queue) -> None:
+        self.declared += 1
+
+    def batch(self, max_size: int) -> FakeBatch:
+        return FakeBatch(self)
+
+
 class FlakyTask:
     """Publishing fails for the calls listed in `fail_on` (pure logic of the batch loop)."""
 
     name = "app.tasks.noop"
 
     def __init__(self, fail_on: set[int]) -> None:
-        self.calls, self.fail_on = 0, fail_on
+        self.calls, self.fail_on, self.producers = 0, fail_on, set()
 
     def apply_async(self, *args, producer=None, **kwargs):
-        assert producer == "one-producer"  # the whole batch shares one connection
+        self.producers.add(id(producer))  # the whole burst shares one producer
         self.calls += 1
         if self.calls in self.fail_on:
             raise ConnectionError("Connection reset by peer")
@@ -190,23 +218,30 @@ class FlakyTask:
 
 
 class FakeApp:
-    conf = types.SimpleNamespace(broker_url="redis://u:pw@h/0")
+    conf = types.SimpleNamespace(broker_url="redis://u:pw@h/0", task_default_queue="celery")
+    amqp = types.SimpleNamespace(queues={"celery": "celery-queue"})
+
+    def __init__(self, fail_flushes: set[int] = frozenset()) -> None:
+        self.producer = FakeProducer(set(fail_flushes))
 
     @contextlib.contextmanager
     def producer_or_acquire(self):
-        yield "one-producer"
+        yield self.producer
 
 
-def batch(task: FlakyTask, count: int) -> int:
-    args = types.SimpleNamespace(count=count, wait=False, timeout=1.0)
-    return cli.Submit.many(FakeApp(), task, [], {}, "celery", args)  # type: ignore[arg-type]
+def batch(task: FlakyTask, count: int, size: int = 1, app: FakeApp | None = None) -> int:
+    args = types.SimpleNamespace(count=count, wait=False, timeout=1.0, batch=size)
+    return cli.Submit.many(app or FakeApp(), task, [], {}, "celery", args)  # type: ignore[arg-type]
 
 
 def test_batch_counts_failed_submissions(capsys):
-    assert batch(FlakyTask({2, 4}), 5) == 1
+    task = FlakyTask({2, 4})
+    assert batch(task, 5) == 1
+    assert len(task.producers) == 1
     out, err = capsys.readouterr()
     assert out.startswith("submitted 3/5 tasks to queue 'celery' in ")
-    assert err == ("taskfleet: error: 2 submissions failed; first error: "
+    assert err == ("taskfleet: error: 2 submissions failed (2 unconfirmed: Redis failed "
+                   "during their batch, they may still run; 0 not sent); first error: "
                    "Connection reset by peer\n")
 
 
@@ -216,4 +251,16 @@ def test_batch_stops_after_ten_failures_in_a_row(capsys):
     assert task.calls == 12
     out, err = capsys.readouterr()
     assert out.startswith("submitted 2/500 tasks")
-    assert err.startswith("taskfleet: error: 498 submissions failed")
+    assert err.startswith("taskfleet: error: 498 submissions failed (10 unconfirmed: ")
+    assert "; 488 not sent)" in err
+
+
+def test_batched_publish_counts_a_failed_flush_and_declares_once(capsys):
+    app = FakeApp(fail_flushes={2})
+    assert batch(FlakyTask(set()), 250, size=100, app=app) == 1
+    assert app.producer.flushes == 3  # 100, 100 (fails), the last 50 when the block ends
+    assert app.producer.declared == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("submitted 150/250 tasks")
+    assert err.startswith("taskfleet: error: 100 submissions failed (100 unconfirmed: ")
+    assert "; 0 not sent)" in err
