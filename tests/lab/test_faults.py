@@ -536,20 +536,29 @@ def test_redis_sigkill_mid_batch(fleet: Fleet, report: Report):
             time.sleep(0.1)
 
     # The CLI on client1 publishes a large batch on one connection while Redis dies.
-    cli_count = 1500
+    # --batch 1 (each task confirmed before the next) keeps it publishing for seconds; a
+    # pipelined burst would be over before the kill.
+    cli_count = 2000
     cli = subprocess.Popen(
         cluster.lab.ssh_argv("client1", "taskfleet", "submit", "mark", cli_batch, "0", "0",
-                             "--count", str(cli_count)),
+                             "--count", str(cli_count), "--batch", "1"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     thread = threading.Thread(target=submitter)
     thread.start()
-    time.sleep(2.5)
+    started = time.monotonic()
+    # Kill once the CLI's tasks are running (it is mid-burst) and the submitter has a few in.
+    cli_running = wait_until(
+        lambda: fleet.redis().llen(LEDGER_PREFIX + cli_batch) >= 50 and len(accepted) >= 10,
+        30, step=0.05)
+    cli_ran_at_kill = fleet.redis().llen(LEDGER_PREFIX + cli_batch)
     killed_at, killed_wall = time.monotonic(), time.time()
     cluster.on("redis1", "pkill", "-KILL", "-x", "redis-server", check=True)
     back = wait_until(lambda: redis_up(fleet), 60, step=0.2)
     thread.join(60)
     stop.set()
     cli_out, cli_err = cli.communicate(timeout=120)
+    assert cli_running is not None, f"the CLI's tasks did not start running: {cli_err!r}"
+    assert cli_ran_at_kill < cli_count, "the CLI was done before the kill: nothing tested"
     assert back is not None, "redis-server did not come back after SIGKILL (Restart=always?)"
     back_at = killed_at + back
     # Every worker consumes again within 30 s of Redis being back, without help.
@@ -573,6 +582,7 @@ def test_redis_sigkill_mid_batch(fleet: Fleet, report: Report):
         batch_done_s=round(tally.last_done() - killed_wall, 1) if tally.runs else None,
         failed_submissions=len(failed), workers_restarted=[w for w in pids if pids[w] != after[w]],
         cli={"count": cli_count, "accepted": cli_accepted, "ran": cli_ran, "exit": cli.returncode,
+             "ran_at_kill": cli_ran_at_kill, "kill_after_s": round(killed_at - started, 1),
              "stderr": cli_err.strip()[-300:]},
         held_by="Restart=always; appendonly yes (AOF); broker_connection_retry; kombu BRPOP "
                 "health check + socket_timeout; visibility_timeout returns interrupted tasks")
