@@ -112,6 +112,63 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
+def machine_cpu() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of this whole machine since boot, from /proc/stat.
+
+    On the lab every host (Redis, workers, client) runs on this machine, so the busy share
+    during a run says whether the run was CPU-bound, and busy seconds / tasks is what one
+    task costs the whole cluster. On real machines it covers only this one.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    total = sum(ticks[:8])  # guest time is already counted in user
+    return (total - idle) / hz, total / hz
+
+
+def redis_cpu(app: Any) -> float | None:
+    """CPU seconds the Redis server has used (INFO cpu), or None where INFO is not allowed.
+
+    The kit's app user may not run INFO (ACL -@dangerous); the bench then goes without it.
+    """
+    from redis.exceptions import NoPermissionError, ResponseError
+
+    try:
+        with app.connection_for_write() as conn:
+            info = conn.default_channel.client.info("cpu")
+    except (NoPermissionError, ResponseError):
+        return None
+    return float(info.get("used_cpu_user", 0)) + float(info.get("used_cpu_sys", 0))
+
+
+class CpuMeter:
+    """CPU used during a run: this machine (busy share, per task), Redis, this client."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.redis0 = redis_cpu(app)
+        self.client0 = resource.getrusage(resource.RUSAGE_SELF)
+        self.machine0 = machine_cpu()
+
+    def per_task(self, n: int) -> dict[str, float]:
+        machine1, client1 = machine_cpu(), resource.getrusage(resource.RUSAGE_SELF)
+        redis1 = redis_cpu(self.app)
+        client = (client1.ru_utime + client1.ru_stime) - (self.client0.ru_utime
+                                                          + self.client0.ru_stime)
+        out = {"client_cpu_ms_per_task": round(client / n * 1000, 3)}
+        if redis1 is not None and self.redis0 is not None:
+            out["redis_cpu_ms_per_task"] = round((redis1 - self.redis0) / n * 1000, 3)
+        if self.machine0 and machine1:
+            busy, total = machine1[0] - self.machine0[0], machine1[1] - self.machine0[1]
+            out["machine_cpu_ms_per_task"] = round(busy / n * 1000, 3)
+            out["machine_busy"] = round(busy / total, 3) if total > 0 else 0.0
+        return out
+
+
 def run_cmd(cmd: list[str], timeout: float = 300,
             cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     """Every subprocess of the bench: argv list, output kept, a clear error on failure."""
@@ -292,26 +349,28 @@ class Bench:
         # Where the time goes, read around (not inside) the timed part: the workers' own CPU
         # counters (main process: consumer, Redis I/O, events; prefork children not included)
         # and this client's CPU, per task.
-        worker_cpu0, client0 = side.cpu_seconds(nodes), resource.getrusage(resource.RUSAGE_SELF)
+        worker_cpu0 = side.cpu_seconds(nodes)
+        cpu = CpuMeter(side.app)
         t0 = time.perf_counter()
         with side.publisher() as send:
             results = [send(side.noop, (), q) for _ in range(n)]
         t1 = time.perf_counter()
         side.collect(results, timeout=max(60.0, n / 20))
         t2 = time.perf_counter()
-        client1, worker_cpu1 = resource.getrusage(resource.RUSAGE_SELF), side.cpu_seconds(nodes)
+        used = cpu.per_task(n)
+        worker_cpu1 = side.cpu_seconds(nodes)
         side.forget(results)
-        client_cpu = (client1.ru_utime + client1.ru_stime) - (client0.ru_utime + client0.ru_stime)
         self.phases.setdefault(f"throughput.{side.label}", []).append({
             "submit_s": round(t1 - t0, 4), "collect_s": round(t2 - t1, 4),
             "wall_ms_per_task": round((t2 - t0) / n * 1000, 3),
-            "client_cpu_ms_per_task": round(client_cpu / n * 1000, 3),
-            "worker_main_cpu_ms_per_task": round((worker_cpu1 - worker_cpu0) / n * 1000, 3)})
+            "worker_main_cpu_ms_per_task": round((worker_cpu1 - worker_cpu0) / n * 1000, 3),
+            **used})
         return n / (t2 - t0)
 
     def fire(self, side: Side, q: str, nodes: list[Node], n: int) -> float:
         name = side.noop.name
         before = side.started_count(nodes, name)
+        cpu = CpuMeter(side.app)
         with side.app.connection_for_write() as conn:
             redis = conn.default_channel.client
             t0 = time.perf_counter()
@@ -330,7 +389,8 @@ class Bench:
                 time.sleep(0.005)
             t2 = time.perf_counter()
         self.phases.setdefault(f"fire.{side.label}", []).append(
-            {"submit_s": round(t1 - t0, 4), "drain_after_submit_s": round(t2 - t1, 4)})
+            {"submit_s": round(t1 - t0, 4), "drain_after_submit_s": round(t2 - t1, 4),
+             **cpu.per_task(n)})
         return n / (t2 - t0)
 
     def efficiency(self, side: Side, q: str, nodes: list[Node]) -> tuple[float, int]:
@@ -595,19 +655,24 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
 
 def where_time_goes(result: dict[str, Any]) -> list[str]:
     """Per-task cost of the throughput runs at the most hosts (median over repeats), one line
-    per side: wall time, this client's CPU, the workers' main-process CPU, submit vs wait."""
+    per side: wall time; CPU of this client, the workers' main processes, Redis and this whole
+    machine (all lab hosts share it: its busy share says whether the run was CPU-bound)."""
     lines = []
     k = result["figures"].get("throughput", {}).get("hosts")
     for side in ("kit", "baseline"):
         runs = result.get("phases", {}).get(f"throughput.{side}", [])[-result["repeat"]:]
         if not runs or k is None:
             continue
-        med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-        lines.append(
-            f"{side}: {med['wall_ms_per_task']:.2f} ms wall per task ({k} hosts); client CPU "
-            f"{med['client_cpu_ms_per_task']:.2f} ms, worker main processes "
-            f"{med['worker_main_cpu_ms_per_task']:.2f} ms per task; submit {med['submit_s']:.2f} s"
-            f" then wait {med['collect_s']:.2f} s")
+        med = {key: statistics.median(r[key] for r in runs if key in r) for key in runs[0]}
+        line = (f"{side}: {med['wall_ms_per_task']:.2f} ms wall per task ({k} hosts); CPU per "
+                f"task: client {med['client_cpu_ms_per_task']:.2f} ms, worker main processes "
+                f"{med['worker_main_cpu_ms_per_task']:.2f} ms")
+        if "redis_cpu_ms_per_task" in med:
+            line += f", Redis {med['redis_cpu_ms_per_task']:.2f} ms"
+        if "machine_cpu_ms_per_task" in med:
+            line += (f"; this machine {med['machine_cpu_ms_per_task']:.2f} ms in all, "
+                     f"{med['machine_busy']:.0%} busy")
+        lines.append(line + f"; submit {med['submit_s']:.2f} s then wait {med['collect_s']:.2f} s")
     return lines
 
 

@@ -81,6 +81,11 @@ def test_quick_bench_end_to_end(cluster, tmp_path):
         check_pair(row["throughput"])
         check_pair(row["efficiency"])
     assert "source" in result["deploy"]
+    # Where the time goes: CPU per task of the client and of the whole machine, per run.
+    for side in ("kit", "baseline"):
+        for run in result["phases"][f"throughput.{side}"]:
+            assert run["client_cpu_ms_per_task"] > 0 and run["machine_cpu_ms_per_task"] > 0, run
+            assert 0 < run["machine_busy"] <= 1, run
 
     png = (out / "scaling.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
