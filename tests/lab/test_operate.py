@@ -334,6 +334,19 @@ def test_flower_lists_workers_behind_auth_and_firewall(operated: Cluster):
     assert _flower_get(f"{base}/api/workers", None)[0] == 401
     assert _flower_get(f"{base}/api/workers", "admin:wrong-password")[0] == 401
 
+    # Workers send no task events by default; Flower switches them on (enable_events), so a
+    # task run now shows up in Flower's task list, which is built from those events only.
+    task_id = ""
+    deadline, seen = time.monotonic() + 30, False
+    while time.monotonic() < deadline and not seen:
+        sent = c.app("submit", "whoami", "--queue", "host.worker1")
+        assert sent.returncode == 0, sent.stderr
+        task_id = sent.stdout.strip()
+        time.sleep(2)
+        status, body = _flower_get(f"{base}/api/tasks?limit=200", auth, timeout=10)
+        seen = status == 200 and task_id in json.loads(body)
+    assert seen, f"Flower never saw task {task_id}: worker task events are not on"
+
     probe = ("import socket,sys\n"
              "s=socket.socket(); s.settimeout(3)\n"
              f"sys.exit(0 if s.connect_ex(('{ip}', {FLOWER_PORT})) == 0 else 1)\n")
