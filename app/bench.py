@@ -626,6 +626,15 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                      if x["baseline"] else "-",
                      f"{r:.2f}x" if r else "-",
                      target + ("" if met is None else (" met" if met else " MISSED"))))
+        if key == "efficiency":
+            # The same runs as work done: efficiency x ideal rate (C x 10/s) per side.
+            rates = {side: x[side]["median"] * c[side] / SLEEP_SECONDS
+                     for side in ("kit", "baseline") if x.get(side) and c.get(side)}
+            if "kit" in rates:
+                base = rates.get("baseline")
+                rows.append((f"sleep(0.1) tasks done per second, {x['hosts']} hosts",
+                             fmt(rates["kit"], ""), fmt(base, "") if base else "-",
+                             f"{rates['kit'] / base:.2f}x" if base else "-", ""))
     if "latency" in f:
         lat = f["latency"]
         for p in ("p50_ms", "p99_ms"):
