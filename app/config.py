@@ -218,6 +218,9 @@ def celery_settings(s: Settings) -> dict[str, Any]:
     }
     return {
         "broker_url": s.broker_url,
+        # kombu's Redis transport, except that a message taken just as Redis dies is recorded
+        # as unacked once Redis is back instead of being dropped (app/transport.py).
+        "broker_transport": "app.transport:Transport",
         "result_backend": s.result_backend,
         # JSON only: a pickle message could run arbitrary code in the worker.
         "accept_content": ["json"],

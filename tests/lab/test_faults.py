@@ -585,7 +585,8 @@ def test_redis_sigkill_mid_batch(fleet: Fleet, report: Report):
              "ran_at_kill": cli_ran_at_kill, "kill_after_s": round(killed_at - started, 1),
              "stderr": cli_err.strip()[-300:]},
         held_by="Restart=always; appendonly yes (AOF); broker_connection_retry; kombu BRPOP "
-                "health check + socket_timeout; visibility_timeout returns interrupted tasks")
+                "health check + socket_timeout; visibility_timeout returns interrupted tasks; "
+                "app/transport.py records a task taken as Redis died once it is back")
     print(cli_out, cli_err)
     assert not tally.lost, f"accepted but never ran: {tally.lost}"
     assert all(v is not None and v <= 30 for v in resumed.values()), resumed

@@ -198,6 +198,7 @@ def test_celery_settings_reliability():
     assert conf["redis_socket_connect_timeout"] == 2
     assert conf["worker_prefetch_multiplier"] == 1
     assert conf["result_extended"] is True
+    assert conf["broker_transport"] == "app.transport:Transport"
     assert conf["task_track_started"] is False
     assert conf["worker_send_task_events"] is conf["task_send_sent_event"] is False
     assert conf["worker_max_tasks_per_child"] is None  # 0 means unlimited
