@@ -8,13 +8,15 @@ and exit code 2 instead of a traceback from deep inside Celery or the worker's r
 from __future__ import annotations
 
 import os
-import socket
 import sys
+from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.signals import worker_ready, worker_shutting_down
 
 from .config import ConfigError, celery_settings, get_settings
+from .systemd import notify as notify_systemd
+from .systemd import watchdog_interval
 
 try:
     settings = get_settings()
@@ -31,23 +33,35 @@ app = Celery("app", include=["app.tasks"])
 app.config_from_object(celery_settings(settings))
 
 
-def notify_systemd(state: str) -> bool:
-    """Send `state` (e.g. "READY=1") to systemd's notify socket, if the service has one.
+class SystemdWatchdog(bootsteps.StartStopStep):
+    """Ping systemd's watchdog (WatchdogSec= in the unit) from the worker's event loop.
 
-    The worker unit is Type=notify: `systemctl (re)start` returns once the worker is connected
-    to Redis and consuming, so a rolling deploy waits for real readiness, and a worker that
-    cannot get ready fails its start instead of counting as running. (The sd_notify protocol
-    is one datagram on a Unix socket; no library needed.)
+    A timer on the loop, not a thread: the ping proves the loop itself still turns, which a
+    thread would not (see app/systemd.py for the hang this catches). A worker step, started
+    before the consumer, so the consumer does not cancel the timer with its own when it
+    reconnects. While the consumer waits for Redis outside the loop there are no pings:
+    an outage longer than WatchdogSec restarts the worker, which then waits for Redis as it
+    starts (Type=notify). The solo pool runs tasks inside the loop; its unit has no watchdog.
     """
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):  # abstract namespace
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall(state.encode())
-    return True
+
+    requires = ("celery.worker.components:Hub",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.timer: Any = None
+
+    def start(self, parent: Any) -> None:
+        interval = watchdog_interval()
+        if interval and parent.hub is not None:
+            self.timer = parent.hub.call_repeatedly(interval, notify_systemd, "WATCHDOG=1")
+
+    def stop(self, parent: Any) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+app.steps["worker"].add(SystemdWatchdog)
 
 
 @worker_ready.connect

@@ -23,6 +23,8 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 
+from .systemd import watchdog_ping
+
 log = logging.getLogger(__name__)
 RECORD_PATIENCE = 60.0  # seconds; Redis under systemd (Restart=always) is back well before
 
@@ -44,6 +46,7 @@ class QoS(kombu_redis.QoS):
                     raise
                 log.warning("Redis unavailable while taking task %s (%s); retrying in %.2f s",
                             task, exc, delay)
+                watchdog_ping()  # waiting on purpose: systemd must not restart us meanwhile
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
