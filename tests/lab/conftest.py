@@ -28,12 +28,18 @@ TIMINGS_FILE = REPO / ".cache" / "lab-timings.json"
 # production values. Every fault-suite task sleeps at most 2 s, so a 10 s hard limit never
 # stops one that runs normally; the visibility timeout must stay above the hard limit (the app
 # and preflight refuse anything else). A dead worker's tasks run elsewhere after the visibility
-# timeout + the sweep (timeout / 10, at least 1 s): ~13 s instead of ~33 s.
+# timeout + the sweep (timeout / 10, at least 1 s): ~13 s instead of ~33 s. A hung worker is
+# restarted by systemd's watchdog after 20 s (production: 60 s). The stop timeout stays above
+# the hard limit (warm shutdowns never cut a task short) but shorter than the default hard + 30:
+# systemd in a lab host (hybrid cgroups, inside nspawn) is not told when a killed service's
+# last process is gone and waits the whole stop timeout before restarting a watchdog victim.
 TEST_GROUP_VARS = """\
 # Written by tests/lab/conftest.py: short limits so fault tests recover quickly.
 taskfleet_task_time_limit: 10
 taskfleet_task_soft_time_limit: 8
 taskfleet_visibility_timeout: 12
+celery_worker_watchdog_sec: 20
+celery_worker_stop_timeout: 15
 """
 
 TIMINGS: dict[str, float] = {}

@@ -18,7 +18,7 @@ RESULTS = REPO / ".cache" / "reliability.json"
 PAGE = REPO / "docs" / "RELIABILITY.md"
 
 # Table order; a scenario missing from the last run keeps its previous row (marked stale).
-SCENARIOS = ["crash", "redis-kill", "partition", "rolling", "scale-in", "redis-reboot",
+SCENARIOS = ["crash", "hang", "redis-kill", "partition", "rolling", "scale-in", "redis-reboot",
              "malformed"]
 CHECKS = ["acl", "password", "pickle"]
 
@@ -82,6 +82,11 @@ def _details(key: str, row: dict) -> str:
         facts.append(f"worker1's held tasks ran elsewhere after {row.get('held_elsewhere_s')} s")
         facts.append("worker1 process restarted" if row.get("restarted")
                      else "same worker process (no restart)")
+    if key == "hang":
+        facts.append(f"WatchdogSec {row.get('watchdog')}, fired after "
+                     f"{row.get('watchdog_fired_s')} s")
+        facts.append("the hung process's Python stack is in the journal"
+                     if row.get("stack_in_journal") else "no Python stack in the journal")
     if key == "rolling":
         facts.append(f"overlapping restarts: {row.get('restarts_overlap') or 'none'}")
         facts.append(f"fewest workers answering a ping during the deploy: "
@@ -158,7 +163,8 @@ def markdown(data: dict) -> str:
         lines.append(f"| {row.get('title', key)} | {row.get('result', '')} | "
                      f"{'pass' if row.get('passed') else '**FAIL**'} |")
     lines += ["", GUIDANCE.format(vt=s.get("visibility_timeout"),
-                                   sweep=s.get("unacked_restore_interval", "?")), "",
+                                   sweep=s.get("unacked_restore_interval", "?"),
+                                   watchdog=s.get("watchdog_sec", "?")), "",
               *production_table(s)]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -183,7 +189,13 @@ GUIDANCE = """\
   (`worker_cancel_long_running_tasks_on_connection_loss`) and run again after the visibility
   timeout. Celery's old "worker stops consuming after a Redis restart" bugs (celery#8091,
   celery#9054, fixed by kombu#2007 in kombu 5.4) are checked on the pinned versions on every run.
-- **Three bugs found here, and what holds against them.** (1) Redis 7.0/8.0 replay MULTI/EXEC
+- **A worker that hangs** (alive, but its main process no longer loops) would hold its host's
+  queue forever: systemd sees it running, so `Restart=` never fires. The worker pings
+  systemd's watchdog from its event loop (`app/systemd.py`, a worker bootstep in
+  `app/celery.py`); the unit's `WatchdogSec` (`celery_worker_watchdog_sec`, 60 s; {watchdog} in
+  the lab) aborts and restarts a worker that stops pinging, and what it held runs again
+  after the visibility timeout. The fault suite freezes a worker with `SIGSTOP` to prove it.
+- **Four bugs found here, and what holds against them.** (1) Redis 7.0/8.0 replay MULTI/EXEC
   from the AOF as the `default` user and re-check its ACL (redis#14541, valkey#3983): with
   `user default off -@all` every transaction — kombu's unacked bookkeeping, results, the
   ledger — vanished on restart and accepted tasks were lost. The role now writes
@@ -198,7 +210,12 @@ GUIDANCE = """\
   (about one task per three SIGKILLs under fast consumption). `app/transport.py` (kombu's Redis
   transport with that record retried until Redis is back, `broker_transport` in app/config.py)
   closes it; `tests/integration/test_redis_crash.py` kills a real Redis three times during
-  3,000 tasks and finds none lost (it found one lost per run without the fix).
+  3,000 tasks and finds none lost (it found one lost per run without the fix). (4) A pool
+  child killed at its hard time limit while the worker was cut off from Redis left a partial
+  message in the pool's result pipe; the main process died with `Unrecoverable error:
+  UnpicklingError` and its shutdown then blocked for good reading that pipe, still "running"
+  for systemd (the partition scenario caught it: worker1 never consumed again). The watchdog
+  above restarts such a worker.
 - **Clients** see a refused publish as an error: `taskfleet submit --count N` prints
   `submitted k/N` and `N-k submissions failed` with the first error, and exits 1.
 - **Network partition** of a worker: its connection is dropped by the socket timeout and health
@@ -239,6 +256,9 @@ PRODUCTION = [
     ("Redis `maxmemory-policy`", "noeviction", "noeviction",
      "Eviction would silently delete queues."),
     ("Redis unit `Restart=`", "always", "always", "A killed Redis is back within seconds."),
+    ("`celery_worker_watchdog_sec` (unit `WatchdogSec`)", "{watchdog}", "60 s",
+     "A worker whose event loop stops is restarted; a Redis outage longer than this restarts "
+     "workers too (they wait for Redis as they start)."),
     ("Worker unit `TimeoutStopSec`", "> hard limit", "> hard limit",
      "A warm shutdown is never cut short by SIGKILL."),
 ]
@@ -246,7 +266,7 @@ PRODUCTION = [
 
 def production_table(settings: dict[str, Any]) -> list[str]:
     values = {"hard": settings.get("task_time_limit"), "soft": settings.get("task_soft_time_limit"),
-              "vt": settings.get("visibility_timeout")}
+              "vt": settings.get("visibility_timeout"), "watchdog": settings.get("watchdog_sec")}
     lines = ["| Setting (role variable) | Lab | Production | Why |", "|---|---|---|---|"]
     for name, lab, prod, why in PRODUCTION:
         lines.append(f"| {name} | {lab.format(**values)} | {prod} | {why} |")

@@ -287,6 +287,8 @@ def report(cluster: Cluster) -> Iterator[Report]:
         "unacked_restore_interval":
             fleet.celery.conf.broker_transport_options["unacked_restore_interval"],
         "worker_prefetch_multiplier": s.worker_prefetch_multiplier,
+        "watchdog_sec": cluster.on("worker1", "systemctl", "show", SERVICE, "-p",
+                                   "WatchdogUSec", "--value").stdout.strip() or "?",
         "suite_seconds": round(suite, 1),
     })
     reliability.render()
@@ -513,6 +515,51 @@ def test_worker_host_crash_loses_nothing(fleet: Fleet, report: Report):
     row["passed"] = True
 
 
+def test_hung_worker_is_restarted_by_the_watchdog(fleet: Fleet, report: Report):
+    """worker3's main process stops mid-batch (SIGSTOP: alive, never looping again, as after
+    a hang): systemd's watchdog aborts and restarts it, its tasks run again, nothing is lost."""
+    cluster, vt = fleet.cluster, fleet.settings.visibility_timeout
+    show = cluster.on("worker3", "systemctl", "show", SERVICE, "-p", "WatchdogUSec", "--value",
+                      check=True).stdout.strip()
+    assert show not in ("", "0", "infinity"), f"the worker unit has no watchdog ({show!r})"
+    pid = cluster.main_pid("worker3")
+    batch = batch_name("hang")
+    numbers = fleet.submit(batch, range(30), seconds=2)
+    held = fleet.wait_held("worker3", batch)
+    assert held, "worker3 never ran a task of the batch"
+    hung_at, hung_wall = time.monotonic(), time.time()
+
+    def journal() -> str:
+        return cluster.on("worker3", "journalctl", "-u", SERVICE, "--no-pager", "-o", "cat",
+                          "--since", f"@{int(hung_wall) - 1}").stdout
+
+    cluster.on("worker3", "kill", "-STOP", str(pid), check=True)
+    fired = wait_until(lambda: "Watchdog timeout" in journal(), 90, step=1)
+    # A hung process still takes signals: systemd's SIGABRT acts at once and Python prints
+    # the stack (PYTHONFAULTHANDLER). A stopped one would wait for SIGCONT, so continue it
+    # now, as the hang it stands for would be.
+    cluster.on("worker3", "kill", "-CONT", str(pid))
+    restarted = wait_until(lambda: cluster.main_pid("worker3") not in (0, pid), 60, step=0.5)
+    resumed = fleet.consumes("worker3", timeout=60) if restarted is not None else None
+    tally = fleet.finish(batch, numbers, timeout=vt + 45, cut_off_at=hung_wall)
+    text = journal()
+    row = report.scenario(
+        "hang", "Worker main process hangs (SIGSTOP) mid-batch", tally,
+        recovery_s=round(time.monotonic() - hung_at if resumed is None else
+                         (fired or 0) + (restarted or 0) + resumed, 1),
+        recovery_what="watchdog restart + worker3 consuming again", watchdog=show,
+        watchdog_fired_s=None if fired is None else round(fired, 1),
+        stack_in_journal="Fatal Python error: Aborted" in text,
+        held_by="systemd WatchdogSec (pings from the worker's event loop); "
+                "visibility_timeout reruns the tasks it held")
+    assert fired is not None, f"no watchdog timeout within 90 s of the hang:\n{text[-2000:]}"
+    assert restarted is not None, "systemd did not restart the hung worker"
+    assert "Fatal Python error: Aborted" in text, text[-2000:]
+    assert resumed is not None, "worker3 did not consume again after its restart"
+    assert not tally.lost, f"lost: {tally.lost}"
+    row["passed"] = True
+
+
 def test_redis_sigkill_mid_batch(fleet: Fleet, report: Report):
     """SIGKILL redis-server mid-batch: systemd restarts it from its AOF; everything a client
     saw accepted runs; every worker consumes again within 30 s by itself; the CLI reports the
@@ -623,7 +670,8 @@ def test_worker_partitioned_from_redis_for_60s(fleet: Fleet, report: Report):
         held_elsewhere_s=round(max(elsewhere), 1) if elsewhere else None,
         restarted=fleet.cluster.main_pid("worker1") != pid,
         held_by="socket_timeout + kombu BRPOP health check drop the dead connection; "
-                "broker_connection_retry reconnects; visibility_timeout reruns held tasks")
+                "broker_connection_retry reconnects (or the systemd watchdog restarts a worker "
+                "that stays unconnected or stuck); visibility_timeout reruns held tasks")
     assert not tally.lost, f"lost: {tally.lost}"
     assert resumed is not None, "worker1 did not consume again within 90 s of the heal"
     row["passed"] = True
