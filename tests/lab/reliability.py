@@ -219,8 +219,9 @@ GUIDANCE = """\
 - **Clients** see a refused publish as an error: `taskfleet submit --count N` prints
   `submitted k/N` and `N-k submissions failed` with the first error, and exits 1.
 - **Network partition** of a worker: its connection is dropped by the socket timeout and health
-  checks, it retries until the network is back; what it held runs elsewhere after the visibility
-  timeout.
+  checks, it retries until the network is back (a worker still cut off after `WatchdogSec` is
+  restarted by systemd and waits for Redis as it starts); what it held runs elsewhere after the
+  visibility timeout.
 - **Rolling update**: the worker play runs with `serial: 1`; each worker gets TERM (warm
   shutdown: finish running tasks, requeue reserved ones) with a stop timeout longer than the
   hard time limit, so no task is killed mid-run and at least two workers always consume.
