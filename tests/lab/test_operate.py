@@ -367,7 +367,9 @@ def _screenshot(url: str, out: Path) -> None:
             [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
              "--no-first-run", "--disable-background-networking", "--disable-component-update",
              "--disable-sync", f"--user-data-dir={profile}/data", f"--screenshot={shot}",
-             "--window-size=1280,800", url],
+             # Let the page's own requests fill the table before the shot (without it a
+             # busy lab gets an empty "Connecting..." page).
+             "--virtual-time-budget=10000", "--window-size=1280,800", url],
             capture_output=True, timeout=90, check=False)
         assert shot.exists() and shot.stat().st_size > 10_000, "chromium made no screenshot"
         shutil.copyfile(shot, out)
