@@ -405,16 +405,27 @@ class Ping:
                        help="minimum number of workers that must answer (default 1)")
         p.add_argument("--timeout", metavar="S", type=positive(float), default=2.0,
                        help="seconds to wait for answers (default 2)")
+        p.add_argument("--node", metavar="NAME", action="append", default=[],
+                       help="ping only this worker (repeatable, e.g. worker@host1): returns as "
+                            "soon as all of them answered, exit 1 naming any that did not")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         app = celery_app()
         check_redis(settings())
-        replies = app.control.ping(timeout=args.timeout) or []
+        if args.node:  # only these; stop waiting once every one of them answered
+            wanted = sorted(set(args.node))
+            replies = app.control.ping(destination=wanted, limit=len(wanted),
+                                       timeout=args.timeout) or []
+        else:  # anyone may answer: wait the whole timeout
+            replies = app.control.ping(timeout=args.timeout) or []
         nodes = sorted(node for reply in replies for node in reply)
         for node in nodes:
             print(f"{node}: pong")
         print(f"{len(nodes)} worker(s) answered")
+        if args.node and (silent := sorted(set(args.node) - set(nodes))):
+            die(f"no answer within {args.timeout:g} s from {', '.join(silent)}: on its host, "
+                "systemctl status taskfleet-worker", EXIT_FAIL)
         if len(nodes) < args.expect:
             die(f"only {len(nodes)} of the {args.expect} expected workers answered within "
                 f"{args.timeout:g} s", EXIT_FAIL)

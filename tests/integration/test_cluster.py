@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -116,3 +117,18 @@ def test_ping_expect(cluster):
     assert short.returncode == 1
     assert short.stderr == ("taskfleet: error: only 2 of the 3 expected workers answered "
                             "within 1 s\n")
+
+
+def test_ping_named_workers_returns_once_all_answered(cluster):
+    start = time.monotonic()
+    ok = run_cli(cluster.env, "ping", *(f"--node={n}" for n in cluster.nodes), "--timeout", "20")
+    elapsed = time.monotonic() - start
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines() == [f"{n}: pong" for n in sorted(cluster.nodes)] + \
+        ["2 worker(s) answered"]
+    assert elapsed < 15, f"waited {elapsed:.1f} s although both workers had answered"
+    missing = run_cli(cluster.env, "ping", f"--node={cluster.nodes[0]}", "--node=gone@nowhere",
+                      "--timeout", "1")
+    assert missing.returncode == 1
+    assert missing.stderr == ("taskfleet: error: no answer within 1 s from gone@nowhere: on "
+                              "its host, systemctl status taskfleet-worker\n")
