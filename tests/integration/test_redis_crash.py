@@ -135,3 +135,34 @@ def test_redis_sigkill_during_fast_consumption_loses_nothing(tmp_path):
         if redis.proc and redis.proc.poll() is None:
             redis.proc.terminate()
             redis.proc.wait(10)
+
+
+def test_message_taken_while_the_channel_closes_is_still_recorded(redis_server):
+    """kombu can deliver one more message while it closes a channel whose connection is
+    already gone (it reads the reply of a BRPOP still in flight); the unacked record must
+    still be written, or nothing would ever run that message again."""
+    from kombu import Connection
+    from kombu.utils.json import loads
+
+    url = redis_server.url(4)
+    admin = redis_server.admin(db=4)
+    with Connection(url, transport="app.transport:Transport") as conn:
+        channel = conn.default_channel
+        conn.SimpleQueue("closing").put({"n": 1})
+        raw = admin.rpop("closing")  # as BRPOP takes it
+        message = channel.Message(loads(raw), channel=channel)
+        # The channel's connection is gone: kombu cannot build a client any more.
+        saved, channel.connection.client, channel._pool = channel.connection.client, None, None
+        try:
+            with pytest.raises(AttributeError, match="hostname"):
+                channel._create_client()
+            channel.qos.append(message, message.delivery_tag)
+        finally:
+            channel.connection.client = saved
+        record = admin.hget("unacked", message.delivery_tag)
+        assert record is not None, "the taken message is recorded nowhere: it would be lost"
+        assert loads(record)[0]["body"] == message._raw["body"]
+        assert admin.zscore("unacked_index", message.delivery_tag) is not None
+    # Closing the channel hands the unacknowledged message back to its queue, as kombu does
+    # with every message it recorded.
+    assert admin.llen("closing") == 1 and admin.hlen("unacked") == 0

@@ -210,7 +210,13 @@ GUIDANCE = """\
   (about one task per three SIGKILLs under fast consumption). `app/transport.py` (kombu's Redis
   transport with that record retried until Redis is back, `broker_transport` in app/config.py)
   closes it; `tests/integration/test_redis_crash.py` kills a real Redis three times during
-  3,000 tasks and finds none lost (it found one lost per run without the fix). (4) A pool
+  3,000 tasks and finds none lost (it found one lost per run without the fix). The same
+  loss had a second door, seen once in the lab's Redis-kill scenario ("1418 accepted, 1417
+  ran", two workers restarted): while a worker reconnects, kombu closes the old channel and
+  first reads a BRPOP reply still in flight, which can deliver one more message when the
+  channel has no connection left to record it with (the `AttributeError` of (2)). That record
+  is now written on a connection of its own (`test_redis_crash.py` reproduces the state with a
+  real Redis). (4) A pool
   child killed at its hard time limit while the worker was cut off from Redis left a partial
   message in the pool's result pipe; the main process died with `Unrecoverable error:
   UnpicklingError` and its shutdown then blocked for good reading that pipe, still "running"
