@@ -241,6 +241,12 @@ def celery_settings(s: Settings) -> dict[str, Any]:
             "visibility_timeout": s.visibility_timeout,
             "unacked_restore_interval": restore_interval(s.visibility_timeout),
             "unacked_restore_throttle": 1,
+            # The sweep holds a lock key (SET NX with this expiry) for a few milliseconds. kombu's
+            # 300 s default means a worker cut off mid-sweep -- Redis stopped or rebooted --
+            # leaves a lock (kept in the AOF) that stops every sweep for 5 minutes: the tasks
+            # of a dead worker then wait that long. A shorter one is safe: each restore is a
+            # WATCH/MULTI transaction that skips a message another worker already restored.
+            "unacked_mutex_expire": min(30, s.visibility_timeout),
             **sockets,
         },
         # Celery's Redis guide sets the timeout for the result backend too; same value.

@@ -177,7 +177,10 @@ GUIDANCE = """\
   hash. After the **visibility timeout** any live worker's periodic sweep (kombu
   `restore_visible`, every `unacked_restore_interval` = timeout / 10, throttle 1) puts them back
   in their queue. Time to recover is therefore *visibility timeout + sweep interval + the task's
-  own run time*: {vt} s + {sweep} s + 2 s in the lab. A worker that is only *stopped* (deploy,
+  own run time*: {vt} s + {sweep} s + 2 s in the lab. The sweep's lock key expires after 30 s
+  (kombu's default is 300 s: a Redis restart in the middle of a sweep can leave it behind,
+  kept in the AOF, and hold every sweep back for 5 minutes; two tasks of the Redis-reboot
+  scenario still missing at the end of its window once point to it). A worker that is only *stopped* (deploy,
   scale-in, `systemctl stop`) requeues what it holds at once: its warm shutdown closes the
   channel, which restores its unacked messages.
 - **Redis dies** (`SIGKILL`, OOM kill). systemd restarts it (`Restart=always`); the append-only

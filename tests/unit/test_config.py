@@ -193,6 +193,7 @@ def test_celery_settings_reliability():
     assert conf["result_backend_transport_options"]["visibility_timeout"] == 7200
     assert conf["broker_transport_options"]["unacked_restore_throttle"] == 1
     assert conf["broker_transport_options"]["unacked_restore_interval"] == 100
+    assert conf["broker_transport_options"]["unacked_mutex_expire"] == 30
     assert conf["broker_transport_options"]["socket_connect_timeout"] == 2
     assert conf["broker_transport_options"]["socket_timeout"] == 5
     assert conf["redis_socket_connect_timeout"] == 2
