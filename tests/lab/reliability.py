@@ -180,9 +180,9 @@ GUIDANCE = """\
   own run time*: {vt} s + {sweep} s + 2 s in the lab. The sweep's lock key expires after 30 s
   (kombu's default is 300 s: a Redis restart in the middle of a sweep can leave it behind,
   kept in the AOF, and hold every sweep back for 5 minutes; two tasks of the Redis-reboot
-  scenario still missing at the end of its window once point to it). A worker that is only *stopped* (deploy,
-  scale-in, `systemctl stop`) requeues what it holds at once: its warm shutdown closes the
-  channel, which restores its unacked messages.
+  scenario still missing at the end of its window once point to it). A worker that is only
+  *stopped* (deploy, scale-in, `systemctl stop`) requeues what it holds at once: its warm
+  shutdown closes the channel, which restores its unacked messages.
 - **Redis dies** (`SIGKILL`, OOM kill). systemd restarts it (`Restart=always`); the append-only
   file (`appendonly yes`, `appendfsync everysec`) replays every write that reached the kernel,
   so a process crash loses nothing a client saw accepted (a power loss of the Redis host can
