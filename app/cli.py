@@ -413,8 +413,8 @@ class Ping:
     def run(args: argparse.Namespace) -> int:
         app = celery_app()
         check_redis(settings())
-        if args.node:  # only these; stop waiting once every one of them answered
-            wanted = sorted(set(args.node))
+        wanted = sorted(set(args.node))
+        if wanted:  # only these; stop waiting once every one of them answered
             replies = app.control.ping(destination=wanted, limit=len(wanted),
                                        timeout=args.timeout) or []
         else:  # anyone may answer: wait the whole timeout
@@ -423,7 +423,7 @@ class Ping:
         for node in nodes:
             print(f"{node}: pong")
         print(f"{len(nodes)} worker(s) answered")
-        if args.node and (silent := sorted(set(args.node) - set(nodes))):
+        if wanted and (silent := sorted(set(wanted) - set(nodes))):
             die(f"no answer within {args.timeout:g} s from {', '.join(silent)}: on its host, "
                 "systemctl status taskfleet-worker", EXIT_FAIL)
         if len(nodes) < args.expect:

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 RECORD_PATIENCE = 60.0  # seconds; Redis under systemd (Restart=always) is back well before
 
 
+def _task_id(message: Any) -> str:
+    return message.headers.get("id", "?") if message.headers else "?"
+
+
 class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: Any) -> None:
         errors = self.channel.connection.connection_errors
@@ -52,7 +56,7 @@ class QoS(kombu_redis.QoS):
                     self._append_standalone(message, delivery_tag)
                 return
             except errors as exc:
-                task = message.headers.get("id", "?") if message.headers else "?"
+                task = _task_id(message)
                 if time.monotonic() >= deadline:
                     log.error("could not record task %s as unacked for %.0f s, dropping it: %s",
                               task, RECORD_PATIENCE, exc)
@@ -78,7 +82,7 @@ class QoS(kombu_redis.QoS):
             client.close()
         virtual.QoS.append(self, message, delivery_tag)  # kombu's in-memory bookkeeping
         log.warning("recorded task %s as unacked on a separate connection (its channel was "
-                    "closing)", message.headers.get("id", "?") if message.headers else "?")
+                    "closing)", _task_id(message))
 
 
 class Channel(kombu_redis.Channel):
