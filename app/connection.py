@@ -1,4 +1,5 @@
-"""Direct Redis access for the command line: a fast preflight check and queue depths.
+"""Direct Redis access: a fast preflight check and queue depths for the command line, and the
+one backoff loop the workers use to wait for Redis on purpose.
 
 Celery and kombu retry a lost broker for a long time (right for workers, wrong for a person at
 a prompt), so client commands first PING Redis once with TASKFLEET_CONNECT_TIMEOUT and turn the
@@ -7,10 +8,13 @@ redis-py error into one line that says what is wrong and where to fix it.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from .config import mask_url
@@ -20,6 +24,8 @@ from .config import mask_url
 PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = (0, 3, 6, 9)
 UNACKED_KEY = "unacked"  # hash of delivered, not yet acknowledged messages (Channel.unacked_key)
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+T = TypeVar("T")
 
 
 class BrokerError(Exception):
@@ -40,6 +46,25 @@ def client(url: str, timeout: float) -> redis.Redis:
         url, socket_connect_timeout=timeout, socket_timeout=timeout,
         retry=Retry(NoBackoff(), 0), retry_on_timeout=False,
     )
+
+
+def retry_until_back(call: Callable[[], T], patience: float,
+                     errors: tuple[type[BaseException], ...] = REDIS_DOWN, *,
+                     first: float = 0.2, cap: float = 2.0,
+                     on_retry: Callable[[BaseException], object] | None = None) -> T:
+    """`call()`, retried while it raises one of `errors` (Redis restarting, unreachable), with
+    redis-py's exponential backoff from `first` up to `cap` seconds between tries; after
+    `patience` seconds the last error is raised. For waits a worker does on purpose."""
+    deadline = time.monotonic() + patience
+
+    def fail(exc: BaseException) -> None:
+        if time.monotonic() >= deadline:
+            raise exc
+        if on_retry is not None:
+            on_retry(exc)
+
+    backoff = ExponentialBackoff(cap=cap, base=first / 2)  # sleeps base * 2**failures
+    return Retry(backoff, -1, errors).call_with_retry(call, fail)  # type: ignore[arg-type]
 
 
 def scrub(text: str, url: str) -> str:

@@ -14,10 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from .celery import app
+from .connection import retry_until_back
 
 T = TypeVar("T")
 
@@ -31,16 +29,7 @@ def redis_write(write: Callable[[], T], patience: float = REDIS_WRITE_PATIENCE) 
     """Run `write` (a Redis command or pipeline), retrying on connection loss with backoff
     (0.2 s doubling to 2 s) for up to `patience` seconds. A write that reached Redis just
     before the connection broke may be applied twice: use it for writes that tolerate that."""
-    deadline = time.monotonic() + patience
-    delay = 0.2
-    while True:
-        try:
-            return write()
-        except (RedisConnectionError, RedisTimeoutError):
-            if time.monotonic() + delay > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+    return retry_until_back(write, patience)
 
 # `mark` appends to Redis lists under this prefix; each list expires a day after its last run.
 LEDGER_PREFIX = "taskfleet:ledger:"
