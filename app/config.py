@@ -57,6 +57,8 @@ class Settings:
     connect_timeout: float
     log_level: str
     beat_example_seconds: int = 0
+    heartbeat_interval: float = 1.0
+    dead_after: float = 6.0
     env_file: str | None = None
 
 
@@ -120,16 +122,19 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int, rule: st
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, zero_ok: str = "") -> float:
+    """Seconds > 0 (or >= 0 when `zero_ok` says what 0 means)."""
     raw = _get(env, name)
     if raw is None:
         return default
+    rule = f"expected a number of seconds >= 0 ({zero_ok})" if zero_ok \
+        else "expected a number of seconds > 0"
     try:
         value = float(raw)
     except ValueError:
-        raise _bad(name, raw, "expected a number of seconds > 0") from None
-    if not value > 0 or value == float("inf"):
-        raise _bad(name, raw, "expected a number of seconds > 0")
+        raise _bad(name, raw, rule) from None
+    if not (value >= 0 if zero_ok else value > 0) or value == float("inf"):
+        raise _bad(name, raw, rule)
     return value
 
 
@@ -170,13 +175,21 @@ def read_settings(env: Mapping[str, str]) -> Settings:
             raise _bad("TASKFLEET_TASK_SOFT_TIME_LIMIT", soft_raw,
                        f"expected a whole number {rule}")
 
+    beat = _float(env, "TASKFLEET_HEARTBEAT_INTERVAL", 1.0,
+                  "0 = off: kombu's visibility timeout alone decides")
+    dead_after = _float(env, "TASKFLEET_DEAD_AFTER", max(6.0, 6 * beat))
+    if beat and dead_after < 3 * beat:
+        raise _bad("TASKFLEET_DEAD_AFTER", f"{dead_after:g}",
+                   f"must be at least 3 x TASKFLEET_HEARTBEAT_INTERVAL ({3 * beat:g} s), so a "
+                   "worker that misses one heartbeat is not taken for dead")
     vt = _int(env, "TASKFLEET_VISIBILITY_TIMEOUT", 3600, 1, "of seconds > 0")
-    if vt <= hard:
-        # Redis has no real acknowledgements: a message unacked for longer than this is given to
-        # another worker, so a task still running would run twice at the same time.
+    if not beat and vt <= hard:
+        # Without heartbeats Redis has no real acknowledgements: a message unacked for longer
+        # than this is given to another worker, so a task still running would run twice.
         raise _bad("TASKFLEET_VISIBILITY_TIMEOUT", str(vt),
-                   f"must be greater than TASKFLEET_TASK_TIME_LIMIT ({hard}), or Redis hands a "
-                   "task that is still running to a second worker")
+                   f"must be greater than TASKFLEET_TASK_TIME_LIMIT ({hard}) when "
+                   "TASKFLEET_HEARTBEAT_INTERVAL=0, or Redis hands a task that is still running "
+                   "to a second worker")
     expires = _int(env, "TASKFLEET_RESULT_EXPIRES", 86400, 1, "of seconds > 0")
 
     queue = _get(env, "TASKFLEET_DEFAULT_QUEUE") or "celery"
@@ -192,18 +205,21 @@ def read_settings(env: Mapping[str, str]) -> Settings:
         worker_max_tasks_per_child=max_tasks, task_time_limit=hard, task_soft_time_limit=soft,
         visibility_timeout=vt, result_expires=expires, default_queue=queue,
         connect_timeout=timeout, log_level=level, beat_example_seconds=beat_example,
+        heartbeat_interval=beat, dead_after=dead_after,
     )
 
 
-def restore_interval(visibility_timeout: int) -> int:
+def restore_interval(s: Settings) -> float:
     """Seconds between a worker's sweeps for messages whose worker died (kombu restore_visible).
 
-    kombu 5.7 sweeps every unacked_restore_interval (10 s) x unacked_restore_throttle (10) =
-    ~100 s by default. We sweep every 1/10 of the visibility timeout (1..100 s) with throttle 1,
-    so a task of a dead worker is back in the queue at most ~10 % after its timeout expires --
-    the same 100 s at the default 3600 s, and ~1 s when tests use a 10 s timeout.
+    With heartbeats, every heartbeat interval: a dead worker's messages are back within
+    TASKFLEET_DEAD_AFTER plus one interval. Without, kombu 5.7 sweeps every
+    unacked_restore_interval (10 s) x unacked_restore_throttle (10) = ~100 s by default; we
+    sweep every 1/10 of the visibility timeout (1..100 s) with throttle 1.
     """
-    return max(1, min(100, visibility_timeout // 10))
+    if s.heartbeat_interval:
+        return s.heartbeat_interval
+    return max(1, min(100, s.visibility_timeout // 10))
 
 
 def celery_settings(s: Settings) -> dict[str, Any]:
@@ -218,8 +234,8 @@ def celery_settings(s: Settings) -> dict[str, Any]:
     }
     return {
         "broker_url": s.broker_url,
-        # kombu's Redis transport, except that a message taken just as Redis dies is recorded
-        # as unacked once Redis is back instead of being dropped (app/transport.py).
+        # kombu's Redis transport, with the messages a worker holds tied to its heartbeats, and
+        # a message taken just as Redis dies recorded once Redis is back (app/transport.py).
         "broker_transport": "app.transport:Transport",
         "result_backend": s.result_backend,
         # JSON only: a pickle message could run arbitrary code in the worker.
@@ -238,15 +254,23 @@ def celery_settings(s: Settings) -> dict[str, Any]:
         # could run, and fewer messages wait for the visibility timeout if it dies.
         "worker_prefetch_multiplier": s.worker_prefetch_multiplier,
         "broker_transport_options": {
+            # With heartbeats this only applies to messages recorded without one (by a worker
+            # of an older version during an upgrade); see app/transport.py.
             "visibility_timeout": s.visibility_timeout,
-            "unacked_restore_interval": restore_interval(s.visibility_timeout),
+            "taskfleet_heartbeat_interval": s.heartbeat_interval,
+            "taskfleet_dead_after": s.dead_after,
+            # The solo pool runs tasks inside the event loop: heartbeats from a thread.
+            "taskfleet_heartbeat_thread": s.worker_pool == "solo",
+            "unacked_restore_interval": restore_interval(s),
             "unacked_restore_throttle": 1,
             # The sweep holds a lock key (SET NX with this expiry) for a few milliseconds. kombu's
             # 300 s default means a worker cut off mid-sweep -- Redis stopped or rebooted --
             # leaves a lock (kept in the AOF) that stops every sweep for 5 minutes: the tasks
             # of a dead worker then wait that long. A shorter one is safe: each restore is a
-            # WATCH/MULTI transaction that skips a message another worker already restored.
-            "unacked_mutex_expire": min(30, s.visibility_timeout),
+            # WATCH/MULTI transaction that skips a message another worker already restored
+            # (and, with heartbeats, one stamped again since the sweep looked).
+            "unacked_mutex_expire": max(5, 2 * s.heartbeat_interval) if s.heartbeat_interval
+            else min(30, s.visibility_timeout),
             **sockets,
         },
         # Celery's Redis guide sets the timeout for the result backend too; same value.
@@ -256,9 +280,12 @@ def celery_settings(s: Settings) -> dict[str, Any]:
         "redis_socket_timeout": sockets["socket_timeout"],
         "redis_socket_keepalive": True,
         "redis_backend_health_check_interval": sockets["health_check_interval"],
-        # A result store that fails during a Redis blip is retried instead of dropped.
+        # A result store that fails while Redis is away waits for it (Celery's default: no
+        # retry limit) instead of turning a task that ran into a BackendStoreError FAILURE;
+        # the pool's hard time limit bounds the wait as it bounds the task. Backoff 10 ms
+        # doubling to 1 s, so the store follows Redis's return within a second.
         "result_backend_always_retry": True,
-        "result_backend_max_retries": 10,
+        "result_backend_max_sleep_between_retries_ms": 1000,
         # Workers keep retrying while Redis comes up (start order between hosts does not matter).
         "broker_connection_retry_on_startup": True,
         "result_expires": s.result_expires,

@@ -1,88 +1,211 @@
-"""kombu's Redis transport, with a taken message recorded as unacked even across a Redis crash.
+"""kombu's Redis transport, with every message a worker holds tied to that worker's liveness.
 
-kombu takes a message with BRPOP (the message leaves the queue, and the pop is in Redis's
-AOF) and only then records it in the `unacked` hash, a second round trip. If Redis dies
-between the two, the record fails, kombu drops the message it holds in memory, and the
-restarted Redis has it nowhere: the task is lost although the broker had accepted it.
-tests/integration/test_redis_crash.py reproduces it (about one task lost per three SIGKILLs
-while workers take hundreds of tasks a second).
+kombu records a delivered message in the `unacked` hash and the `unacked_index` sorted set,
+scored with the time it was taken; any worker's sweep hands back the messages older than the
+visibility timeout. The score says *when* a message was taken, not whether its holder still
+lives: a task running, waiting for its ETA or prefetched for longer than the timeout runs a
+second time (celery#2481, #5935, #6236), and a dead worker's tasks wait the whole timeout.
 
-Here the record is retried until Redis answers again (systemd restarts it within seconds),
-then the worker runs the message as usual. A message whose record could not be written
-within RECORD_PATIENCE is still dropped, as before, and logged with its task id.
+Heartbeats (TASKFLEET_HEARTBEAT_INTERVAL > 0, the default):
+- A worker records each message with an owner entry (`unacked_owner`: tag -> host:pid) and
+  scores it with Redis's clock, not its own, so hosts' clock skew does not matter.
+- Every interval, from the worker's event loop, it re-stamps the scores of the messages its
+  open channels hold (ZADD XX: a message acked or handed back meanwhile is not brought back).
+  A loop that stops turning (crash, SIGKILL, SIGSTOP, a partition) stops the stamps.
+- Every interval, one worker at a time (kombu's sweep lock) hands back each owned message whose
+  stamp is older than TASKFLEET_DEAD_AFTER, and each message without an owner (written by a
+  worker without heartbeats: an older version during an upgrade) older than the visibility
+  timeout, as before. The hand-back is kombu's own restore_by_tag, a WATCH/MULTI transaction:
+  two sweeps can never return one message twice.
+So a live worker keeps its messages for as long as it needs them, and a dead one's are back in
+their queues within DEAD_AFTER plus one interval. Why re-stamp kombu's own index rather than
+keep owner heartbeat keys beside it: kombu's sweep (older workers', and ours for owner-less
+records) keeps working unchanged on the same index, and a stamped message never looks old to it.
 
-A second way to the same loss: when the worker reconnects, kombu closes the old channel and
-first reads the reply of a BRPOP still in flight, which can deliver one more message. By then
-the channel may have no connection left to build a client from (kombu raises
-`AttributeError: 'NoneType' object has no attribute 'hostname'`, the kombu#582 family, and
-the worker dies with the message taken). The record is then written with a client of its own,
-built from the connection settings the channel had when it opened.
+The solo pool runs a task inside the event loop, so its stamps come from a thread instead.
+With TASKFLEET_HEARTBEAT_INTERVAL=0 this is kombu's transport as shipped (for comparison).
 
-Selected in app/config.py with `broker_transport = "app.transport:Transport"`; everything
-else (URL parsing, TLS, BRPOP, acks, restore of unacked messages) is kombu's own code.
+Also: kombu takes a message (BRPOP) and records it in a second round trip; if Redis dies in
+between, the record is retried until Redis is back instead of dropping a message that the
+restarted Redis has nowhere (docs/RELIABILITY.md). A record made while the channel closes is
+written on a connection of its own (kombu#582).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 
+from .connection import retry_until_back
 from .systemd import watchdog_ping
 
 log = logging.getLogger(__name__)
 RECORD_PATIENCE = 60.0  # seconds; Redis under systemd (Restart=always) is back well before
+OWNER_KEY = "unacked_owner"  # hash: delivery tag -> the host:pid that holds the message
+STAMP_CHUNK = 500  # tags per re-stamp call
+SWEEP_LIMIT = 1000  # candidates per sweep
+# Transport options this transport reads (app/config.py sets them), beside kombu's own.
+OPTIONS = ("taskfleet_heartbeat_interval", "taskfleet_dead_after", "taskfleet_heartbeat_thread")
+
+# KEYS: unacked_index, unacked, unacked_owner. ARGV: tag, record, owner.
+RECORD = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], t[1] + t[2] / 1000000, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+return 1
+"""
+# KEYS: unacked_index. ARGV: tags. Only tags still recorded are touched (XX).
+RESTAMP = """
+local t = redis.call('TIME')
+local now = t[1] + t[2] / 1000000
+for i = 1, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now, ARGV[i]) end
+return #ARGV
+"""
+# KEYS: unacked_index, unacked_owner. ARGV: dead_after, visibility_timeout, limit.
+# Returns Redis's time, then tag, owner, tag, owner, ... of the messages to hand back (owner ""
+# for a record without one).
+SWEEP = """
+local t = redis.call('TIME')
+local now = t[1] + t[2] / 1000000
+local old = redis.call('ZRANGE', KEYS[1], '-inf', now - ARGV[1], 'BYSCORE',
+                       'LIMIT', 0, ARGV[3], 'WITHSCORES')
+local out = {tostring(now)}
+for i = 1, #old, 2 do
+  local owner = redis.call('HGET', KEYS[2], old[i])
+  if owner or tonumber(old[i + 1]) <= now - ARGV[2] then
+    out[#out + 1] = old[i]
+    out[#out + 1] = owner or ''
+  end
+end
+return out
+"""
 
 
 def _task_id(message: Any) -> str:
     return message.headers.get("id", "?") if message.headers else "?"
 
 
-class QoS(kombu_redis.QoS):
-    def append(self, message: Any, delivery_tag: Any) -> None:
-        errors = self.channel.connection.connection_errors
-        deadline = time.monotonic() + RECORD_PATIENCE
-        delay = 0.05
-        while True:
-            try:
-                try:
-                    super().append(message, delivery_tag)
-                except AttributeError:  # the channel's connection is gone (see above)
-                    self._append_standalone(message, delivery_tag)
-                return
-            except errors as exc:
-                task = _task_id(message)
-                if time.monotonic() >= deadline:
-                    log.error("could not record task %s as unacked for %.0f s, dropping it: %s",
-                              task, RECORD_PATIENCE, exc)
-                    raise
-                log.warning("Redis unavailable while taking task %s (%s); retrying in %.2f s",
-                            task, exc, delay)
-                watchdog_ping()  # waiting on purpose: systemd must not restart us meanwhile
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
-    def _append_standalone(self, message: Any, delivery_tag: Any) -> None:
-        """kombu's record (ZADD unacked_index + HSET unacked), on a client of our own."""
+
+class QoS(kombu_redis.QoS):
+    @property
+    def heartbeats(self) -> bool:
+        """True when this worker stamps what it holds (only then may it claim ownership)."""
+        return bool(self.channel.connection.heartbeating)
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        def record() -> None:
+            try:
+                with self.channel.conn_or_acquire() as client:
+                    self._record(client, message, delivery_tag)
+            except AttributeError:  # the channel's connection is gone (kombu#582)
+                self._record_standalone(message, delivery_tag)
+
+        def waiting(exc: BaseException) -> None:
+            log.warning("Redis unavailable while taking task %s (%s); retrying",
+                        _task_id(message), exc)
+            watchdog_ping()  # waiting on purpose: systemd must not restart us meanwhile
+
+        try:
+            retry_until_back(record, RECORD_PATIENCE, self.channel.connection.connection_errors,
+                             first=0.05, cap=1.0, on_retry=waiting)
+        except self.channel.connection.connection_errors as exc:
+            log.error("could not record task %s as unacked for %.0f s, dropping it: %s",
+                      _task_id(message), RECORD_PATIENCE, exc)
+            raise
+        virtual.QoS.append(self, message, delivery_tag)  # kombu's in-memory bookkeeping
+
+    def _record(self, client: Any, message: Any, delivery_tag: Any) -> None:
+        """kombu's record (unacked_index + unacked); with heartbeats, stamped by Redis's clock
+        and with its owner, in one script."""
         delivery = message.delivery_info
         record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        prefix = self.channel.global_keyprefix or ""  # what kombu's own client would add
+        if not self.heartbeats:
+            with client.pipeline() as pipe:
+                pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+                pipe.hset(self.unacked_key, delivery_tag, record)
+                pipe.execute()
+            return
+        keys = [self.unacked_index_key, self.unacked_key, OWNER_KEY]
+        self.channel.connection.script(client, RECORD, keys,
+                                       [delivery_tag, record, self.channel.connection.owner])
+
+    def _record_standalone(self, message: Any, delivery_tag: Any) -> None:
         client = redis.Redis(connection_pool=redis.ConnectionPool(**self.channel.record_params))
         try:
-            with client.pipeline() as pipe:
-                pipe.zadd(prefix + self.unacked_index_key, {delivery_tag: time.time()})
-                pipe.hset(prefix + self.unacked_key, delivery_tag, record)
-                pipe.execute()
+            self._record(client, message, delivery_tag)
         finally:
             client.close()
-        virtual.QoS.append(self, message, delivery_tag)  # kombu's in-memory bookkeeping
         log.warning("recorded task %s as unacked on a separate connection (its channel was "
                     "closing)", _task_id(message))
+
+    def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
+        # Used by ack, reject and restore_by_tag (inside its transaction): the owner goes too.
+        return super()._remove_from_indices(delivery_tag, pipe).hdel(OWNER_KEY, delivery_tag)
+
+    def restamp(self) -> int:
+        """Re-stamp, by Redis's clock, every message this channel holds; returns how many."""
+        tags = list(self._delivered)
+        with self.channel.conn_or_acquire() as client:
+            for start in range(0, len(tags), STAMP_CHUNK):
+                self.channel.connection.script(client, RESTAMP, [self.unacked_index_key],
+                                               tags[start:start + STAMP_CHUNK])
+        return len(tags)
+
+    def restore_visible(self, start: int = 0, num: int | None = 10,
+                        interval: int = 10) -> None:
+        dead_after = self.channel.connection.dead_after
+        if not dead_after:
+            return super().restore_visible(start, num, interval)
+        returned: list[str] = []
+        with self.channel.conn_or_acquire() as client:
+            try:
+                with kombu_redis.Mutex(client, self.unacked_mutex_key,
+                                       self.unacked_mutex_expire):
+                    now, *found = self.channel.connection.script(
+                        client, SWEEP, [self.unacked_index_key, OWNER_KEY],
+                        [dead_after, self.visibility_timeout, SWEEP_LIMIT])
+                    for tag, owner in zip(found[::2], found[1::2], strict=True):
+                        cutoff = float(now) - (dead_after if owner else self.visibility_timeout)
+                        if self._hand_back(client, tag, cutoff):
+                            returned.append(_text(owner) or "(no heartbeat)")
+            except kombu_redis.MutexHeld:
+                return None
+        if returned:
+            log.warning("returned %d message(s) of silent worker(s) %s to their queues",
+                        len(returned), ", ".join(sorted(set(returned))))
+        return None
+
+    def _hand_back(self, client: Any, tag: Any, cutoff: float) -> bool:
+        """kombu's restore_by_tag, but only if the record is still stamped before `cutoff`
+        when the transaction runs: a record re-stamped, or taken again by another worker,
+        since the sweep looked stays where it is."""
+        def transaction(pipe: Any) -> None:
+            score = pipe.zscore(self.unacked_index_key, tag)
+            payload = pipe.hget(self.unacked_key, tag)
+            pipe.multi()
+            if score is not None and score > cutoff:
+                return
+            self._remove_from_indices(tag, pipe)
+            if payload:
+                message, exchange, routing_key = loads(bytes_to_str(payload))
+                self.channel._do_restore_message(message, exchange, routing_key, pipe)
+
+        return bool(client.transaction(transaction, self.unacked_key, value_from_callable=False))
 
 
 class Channel(kombu_redis.Channel):
@@ -96,3 +219,60 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        options = client.transport_options
+        self.heartbeat_interval = float(options.get("taskfleet_heartbeat_interval") or 0)
+        self.dead_after = float(options.get("taskfleet_dead_after") or 0) \
+            if self.heartbeat_interval else 0.0
+        self.beat_in_thread = bool(options.get("taskfleet_heartbeat_thread"))
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.heartbeating = False  # set once stamps run; records before that have no owner
+        self._scripts: dict[str, str] = {}
+        self._beat_timer: Any = None
+        self._beat_stop = threading.Event()
+
+    def script(self, client: Any, source: str, keys: list[str], args: Iterable[Any]) -> Any:
+        """Run a Lua script by its SHA, loading it once per Redis (again after a restart)."""
+        sha = self._scripts.get(source)
+        args = list(args)
+        if sha is not None:
+            try:
+                return client.evalsha(sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                pass
+        self._scripts[source] = client.script_load(source)
+        return client.evalsha(self._scripts[source], len(keys), *keys, *args)
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)
+        if not self.heartbeat_interval or self.heartbeating:
+            return
+        self.heartbeating = True
+        if self.beat_in_thread:
+            threading.Thread(target=self._beat_thread, name="taskfleet-heartbeat",
+                             daemon=True).start()
+        else:
+            self._beat_timer = loop.call_repeatedly(self.heartbeat_interval, self.beat)
+
+    def beat(self) -> None:
+        """Re-stamp what every open channel holds; never raises (it runs on the event loop)."""
+        for channel in list(self.channels):
+            if channel.closed or channel.qos is None or not channel.qos._delivered:
+                continue
+            try:
+                channel.qos.restamp()
+            except Exception as exc:  # Redis away: the next beat tries again
+                log.debug("heartbeat failed: %s", exc)
+
+    def _beat_thread(self) -> None:
+        while not self._beat_stop.wait(self.heartbeat_interval):
+            self.beat()
+
+    def close_connection(self, connection: Any) -> None:
+        self._beat_stop.set()
+        if self._beat_timer is not None:
+            self._beat_timer.cancel()
+            self._beat_timer = None
+        super().close_connection(connection)

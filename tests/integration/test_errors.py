@@ -107,11 +107,12 @@ def test_acl_denied(redis_server, tmp_path):
 
 def test_config_error(redis_server, tmp_path):
 
-    env = node_env(tmp_path, redis_server.url(0), TASKFLEET_TASK_TIME_LIMIT="4000")
+    env = node_env(tmp_path, redis_server.url(0), TASKFLEET_HEARTBEAT_INTERVAL="2",
+                   TASKFLEET_DEAD_AFTER="5")
     check(env, ("submit", "add", "1", "2"), 2,
-          "configuration: invalid TASKFLEET_VISIBILITY_TIMEOUT='3600': must be greater than "
-          "TASKFLEET_TASK_TIME_LIMIT (4000), or Redis hands a task that is still running to a "
-          "second worker")
+          "configuration: invalid TASKFLEET_DEAD_AFTER='5': must be at least 3 x "
+          "TASKFLEET_HEARTBEAT_INTERVAL (6 s), so a worker that misses one heartbeat is not "
+          "taken for dead")
 
 
 def test_wait_timeout_when_no_worker_consumes(cluster, redis_server):

@@ -131,9 +131,14 @@ def test_result_backend_bad_is_masked():
     ("TASKFLEET_TASK_SOFT_TIME_LIMIT", "300",
      "expected a whole number of seconds > 0 and < TASKFLEET_TASK_TIME_LIMIT (300)"),
     ("TASKFLEET_VISIBILITY_TIMEOUT", "-5", "expected a whole number of seconds > 0"),
-    ("TASKFLEET_VISIBILITY_TIMEOUT", "300",
-     "must be greater than TASKFLEET_TASK_TIME_LIMIT (300), or Redis hands a task that is "
-     "still running to a second worker"),
+    ("TASKFLEET_HEARTBEAT_INTERVAL", "-1",
+     "expected a number of seconds >= 0 (0 = off: kombu's visibility timeout alone decides)"),
+    ("TASKFLEET_HEARTBEAT_INTERVAL", "often",
+     "expected a number of seconds >= 0 (0 = off: kombu's visibility timeout alone decides)"),
+    ("TASKFLEET_DEAD_AFTER", "0", "expected a number of seconds > 0"),
+    ("TASKFLEET_DEAD_AFTER", "2",
+     "must be at least 3 x TASKFLEET_HEARTBEAT_INTERVAL (3 s), so a worker that misses one "
+     "heartbeat is not taken for dead"),
     ("TASKFLEET_RESULT_EXPIRES", "0", "expected a whole number of seconds > 0"),
     ("TASKFLEET_DEFAULT_QUEUE", "my queue", "queue names use only letters, digits and _ . @ : -"),
     ("TASKFLEET_DEFAULT_QUEUE", "a/b", "queue names use only letters, digits and _ . @ : -"),
@@ -147,16 +152,29 @@ def test_bad_values(name, value, allowed):
     assert error(**{name: value}) == f"invalid {name}={value!r}: {allowed}"
 
 
-def test_visibility_timeout_checked_against_a_custom_hard_limit():
+def test_without_heartbeats_the_visibility_timeout_must_exceed_the_hard_limit():
+    assert error(TASKFLEET_HEARTBEAT_INTERVAL="0", TASKFLEET_VISIBILITY_TIMEOUT="300") == (
+        "invalid TASKFLEET_VISIBILITY_TIMEOUT='300': must be greater than "
+        "TASKFLEET_TASK_TIME_LIMIT (300) when TASKFLEET_HEARTBEAT_INTERVAL=0, or Redis hands a "
+        "task that is still running to a second worker")
     assert "TASKFLEET_TASK_TIME_LIMIT (900)" in error(
-        TASKFLEET_TASK_TIME_LIMIT="900", TASKFLEET_VISIBILITY_TIMEOUT="600")
-    assert settings(TASKFLEET_TASK_TIME_LIMIT="8", TASKFLEET_VISIBILITY_TIMEOUT="10") \
-        .visibility_timeout == 10
+        TASKFLEET_HEARTBEAT_INTERVAL="0", TASKFLEET_TASK_TIME_LIMIT="900",
+        TASKFLEET_VISIBILITY_TIMEOUT="600")
+    assert settings(TASKFLEET_HEARTBEAT_INTERVAL="0", TASKFLEET_TASK_TIME_LIMIT="8",
+                    TASKFLEET_VISIBILITY_TIMEOUT="10").visibility_timeout == 10
 
 
-def test_default_time_limit_above_visibility_timeout_is_refused():
-    assert error(TASKFLEET_VISIBILITY_TIMEOUT="100").startswith(
-        "invalid TASKFLEET_VISIBILITY_TIMEOUT='100': must be greater than")
+def test_with_heartbeats_a_task_may_outlast_the_visibility_timeout():
+    s = settings(TASKFLEET_TASK_TIME_LIMIT="900", TASKFLEET_VISIBILITY_TIMEOUT="60")
+    assert (s.task_time_limit, s.visibility_timeout) == (900, 60)
+
+
+def test_heartbeat_defaults_and_dead_after_follows_the_interval():
+    s = settings()
+    assert (s.heartbeat_interval, s.dead_after) == (1.0, 6.0)
+    assert settings(TASKFLEET_HEARTBEAT_INTERVAL="2.5").dead_after == 15.0
+    assert settings(TASKFLEET_HEARTBEAT_INTERVAL="0").heartbeat_interval == 0
+    assert settings(TASKFLEET_HEARTBEAT_INTERVAL="0", TASKFLEET_DEAD_AFTER="1").dead_after == 1
 
 
 @pytest.mark.parametrize(("hard", "soft"), [(3600, 3570), (300, 270), (100, 90), (10, 9),
@@ -177,8 +195,15 @@ def test_mask_url(url, shown):
     assert mask_url(url) == shown
 
 
-def test_restore_interval_scales_with_visibility_timeout():
-    assert [restore_interval(v) for v in (1, 10, 25, 300, 3600, 86400)] == [1, 1, 2, 30, 100, 100]
+def test_restore_interval_is_the_heartbeat_or_scales_with_visibility_timeout():
+    def interval(vt: int, beat: str = "0") -> float:
+        return restore_interval(settings(TASKFLEET_HEARTBEAT_INTERVAL=beat,
+                                         TASKFLEET_TASK_TIME_LIMIT="1",
+                                         TASKFLEET_VISIBILITY_TIMEOUT=str(vt)))
+
+    assert [interval(v) for v in (2, 10, 25, 300, 3600, 86400)] == [1, 1, 2, 30, 100, 100]
+    assert interval(3600, beat="1") == 1
+    assert interval(3600, beat="2.5") == 2.5
 
 
 def test_celery_settings_reliability():
@@ -192,8 +217,12 @@ def test_celery_settings_reliability():
     assert conf["broker_transport_options"]["visibility_timeout"] == 7200
     assert conf["result_backend_transport_options"]["visibility_timeout"] == 7200
     assert conf["broker_transport_options"]["unacked_restore_throttle"] == 1
-    assert conf["broker_transport_options"]["unacked_restore_interval"] == 100
-    assert conf["broker_transport_options"]["unacked_mutex_expire"] == 30
+    assert conf["broker_transport_options"]["unacked_restore_interval"] == 1
+    assert conf["broker_transport_options"]["unacked_mutex_expire"] == 5
+    assert conf["broker_transport_options"]["taskfleet_heartbeat_interval"] == 1
+    assert conf["broker_transport_options"]["taskfleet_dead_after"] == 6
+    assert conf["broker_transport_options"]["taskfleet_heartbeat_thread"] is False
+    assert "result_backend_max_retries" not in conf  # Celery's default: no limit
     assert conf["broker_transport_options"]["socket_connect_timeout"] == 2
     assert conf["broker_transport_options"]["socket_timeout"] == 5
     assert conf["redis_socket_connect_timeout"] == 2
@@ -277,21 +306,23 @@ def test_import_with_bad_config_exits_2_with_one_line(tmp_path):
 
 def test_celery_worker_with_bad_config_exits_2_with_one_line(tmp_path):
     env = subprocess_env(CELERY_BROKER_URL="redis://u:topsecret@h/0",
-                         TASKFLEET_VISIBILITY_TIMEOUT="60")
+                         TASKFLEET_DEAD_AFTER="1")
     celery = Path(sys.executable).parent / "celery"
     proc = subprocess.run([str(celery), "-A", "app", "worker"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.startswith(
-        "taskfleet: configuration error: invalid TASKFLEET_VISIBILITY_TIMEOUT='60'")
+        "taskfleet: configuration error: invalid TASKFLEET_DEAD_AFTER='1'")
     assert proc.stderr.count("\n") == 1 and "topsecret" not in proc.stderr
 
 
-def test_transport_options_are_known_to_kombu():
+def test_transport_options_are_known_to_kombu_or_our_transport():
     from kombu.transport.redis import Channel
 
+    from app.transport import OPTIONS
+
     opts = celery_settings(settings())["broker_transport_options"]
-    assert set(opts) - set(Channel.from_transport_options) == set()
+    assert set(opts) - set(Channel.from_transport_options) == set(OPTIONS)
 
 
 def test_log_level_becomes_the_worker_default(tmp_path):
@@ -315,7 +346,7 @@ def test_env_example_documents_every_variable_and_is_valid():
     source = Path(app.config.__file__).read_text()
     variables = set(re.findall(r'"((?:TASKFLEET|CELERY)_[A-Z_]+)"', source))
     variables.add("TASKFLEET_ENV_FILE")
-    assert len(variables) == 15
+    assert len(variables) == 17
     for name in sorted(variables):
         assert re.search(rf"^#? ?{name}=", text, re.M), f"{name} missing from .env.example"
     values = {k: v or "" for k, v in dotenv_values(ROOT / ".env.example").items()}
