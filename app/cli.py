@@ -67,6 +67,8 @@ def celery_app() -> Celery:
     settings()
     from . import tasks  # registers app.tasks.* on the app
 
+    # Workers wait for the result backend as long as it takes; a person at a prompt does not.
+    tasks.app.conf.result_backend_max_retries = 10
     return tasks.app
 
 
@@ -181,6 +183,14 @@ def release(results: list[Any]) -> None:
     """
     for result in results:
         result.backend.remove_pending_result(result)
+
+
+def failure_text(task_id: str, meta: dict[str, Any]) -> str:
+    """One line naming a failed task and its exception, from its result meta."""
+    exc = meta.get("result")
+    text = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) \
+        else f"{meta.get('status')}: {exc}"
+    return f"task {task_id}: " + " ".join(text.split())[:300]
 
 
 def rate(n: int, seconds: float) -> str:
@@ -309,13 +319,15 @@ class Submit:
         from celery.result import ResultSet
 
         done, failed, workers = 0, 0, Counter[str]()
+        first_failure = ""
         bar = Progress("results   ", len(results))
         try:
-            for _task_id, meta in ResultSet(results, app=app).iter_native(timeout=timeout):
+            for task_id, meta in ResultSet(results, app=app).iter_native(timeout=timeout):
                 if meta.get("status") == "SUCCESS":
                     done += 1
                 else:
                     failed += 1
+                    first_failure = first_failure or failure_text(task_id, meta)
                 # result_extended=True stores the worker's node name (name@host) in the meta.
                 workers[meta.get("worker") or "?"] += 1
                 bar.update(done + failed)
@@ -328,6 +340,9 @@ class Submit:
               f"({rate(done + failed, elapsed)})")
         for worker, n in sorted(workers.items()):
             print(f"  {worker:<40} {n:>7}")
+        if first_failure:
+            print(f"{PROG}: error: {failed} tasks failed; first failure: {first_failure}",
+                  file=sys.stderr)
         if missing:
             print(f"{PROG}: error: {missing} results missing after {timeout:g} s: are workers "
                   f"running and consuming queue {queue!r}? (python -m app ping)", file=sys.stderr)
