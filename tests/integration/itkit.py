@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -62,6 +63,51 @@ class RedisServer:
 
         return redis.Redis(host="127.0.0.1", port=self.port, db=db, username="admin",
                            password=self.admin_password, socket_timeout=5)
+
+
+class CrashableRedis:
+    """A redis-server with AOF on (as deployed) that can be SIGKILLed and restarted."""
+
+    def __init__(self, workdir: Path, fsync: str = "everysec") -> None:
+        self.dir, self.port, self.fsync = workdir, free_port(), fsync
+        self.password, self.admin_pw = secrets.token_hex(12), secrets.token_hex(12)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        argv = [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(self.port),
+                "--dir", str(self.dir), "--save", "", "--appendonly", "yes",
+                "--appendfsync", self.fsync, "--logfile", str(self.dir / "redis.log"),
+                "--user", "default", "off", "resetkeys", "resetchannels", "~*", "&*", "+@all",
+                "--user", USER, "on", f">{self.password}", "~*", "&*", "+@all", "-@dangerous",
+                "--user", "admin", "on", f">{self.admin_pw}", "~*", "&*", "+@all"]
+        self.proc = subprocess.Popen(argv, cwd=self.dir, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT)
+        wait_for(self.answers, 15, "redis-server to answer PING")
+
+    def answers(self) -> bool:
+        try:
+            return bool(self.admin().ping())
+        except Exception:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def admin(self):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, username="admin",
+                           password=self.admin_pw, socket_timeout=5)
+
+    def url(self) -> str:
+        return f"redis://{USER}:{self.password}@127.0.0.1:{self.port}/0"
 
 
 def base_env(tmp: Path) -> dict[str, str]:

@@ -10,8 +10,6 @@ take hundreds of tasks a second, restarts it on the same files, and checks the l
 from __future__ import annotations
 
 import secrets
-import signal
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,9 +18,8 @@ import pytest
 
 from .itkit import (
     REDIS_SERVER,
-    USER,
+    CrashableRedis,
     client_app,
-    free_port,
     node_env,
     start_workers,
     stop_workers,
@@ -33,53 +30,12 @@ pytestmark = pytest.mark.integration
 TASKS, KILLS = 3000, 3
 
 
-class CrashableRedis:
-    """A redis-server with AOF on (as deployed) that can be SIGKILLed and restarted."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.dir, self.port = workdir, free_port()
-        self.password, self.admin_pw = secrets.token_hex(12), secrets.token_hex(12)
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        argv = [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(self.port),
-                "--dir", str(self.dir), "--save", "", "--appendonly", "yes",
-                "--appendfsync", "everysec", "--logfile", str(self.dir / "redis.log"),
-                "--user", "default", "off", "resetkeys", "resetchannels", "~*", "&*", "+@all",
-                "--user", USER, "on", f">{self.password}", "~*", "&*", "+@all", "-@dangerous",
-                "--user", "admin", "on", f">{self.admin_pw}", "~*", "&*", "+@all"]
-        self.proc = subprocess.Popen(argv, cwd=self.dir, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT)
-        wait_for(self.answers, 15, "redis-server to answer PING")
-
-    def answers(self) -> bool:
-        try:
-            return bool(self.admin().ping())
-        except Exception:
-            return False
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def admin(self):
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=self.port, username="admin",
-                           password=self.admin_pw, socket_timeout=5)
-
-    def url(self) -> str:
-        return f"redis://{USER}:{self.password}@127.0.0.1:{self.port}/0"
-
-
 def test_redis_sigkill_during_fast_consumption_loses_nothing(tmp_path):
     if not Path(REDIS_SERVER).exists():
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     redis = CrashableRedis(tmp_path)
     redis.start()
-    env = node_env(tmp_path, redis.url(), TASKFLEET_VISIBILITY_TIMEOUT="10",
-                   TASKFLEET_TASK_TIME_LIMIT="8")
+    env = node_env(tmp_path, redis.url())
     workers = start_workers(env, ["c1", "c2"], tmp_path)
     batch = f"crash-{secrets.token_hex(4)}"
     ledger = f"taskfleet:ledger:{batch}"
@@ -97,7 +53,7 @@ def test_redis_sigkill_during_fast_consumption_loses_nothing(tmp_path):
         def supervise() -> None:
             """What systemd's Restart=always does for the deployed workers: kombu 5.7's worker
             sometimes exits on a dropped connection ("Unrecoverable error"); its taken
-            messages are in `unacked` and come back after the visibility timeout."""
+            messages are in `unacked` and come back once its heartbeats are missed."""
             for i, w in enumerate(workers):
                 if not w.alive():
                     try:
