@@ -1,7 +1,7 @@
 """`python -m app`: submit tasks and look at the cluster, with clear one-line errors.
 
 Subcommands are registered from SUBCOMMANDS: each entry names a module or class with
-`add_parser(subparsers)` and `run(args) -> int`. Adding one (e.g. "app.bench") is one line.
+`add_parser(subparsers)` and `run(args) -> int`. Adding one is one line.
 
 Mistakes the user can fix (unknown task, wrong arguments, bad JSON, bad configuration, Redis
 unreachable or refusing the password) print `taskfleet: error: ...` on stderr and exit non-zero
@@ -37,7 +37,6 @@ SUBCOMMANDS = (
     "app.cli:Status",
     "app.cli:Ping",
     "app.cli:ShowConfig",
-    "app.bench",
 )
 
 
