@@ -1,7 +1,7 @@
 """`python -m app`: submit tasks and look at the cluster, with clear one-line errors.
 
-Subcommands are registered from SUBCOMMANDS: each entry names a module or class with
-`add_parser(subparsers)` and `run(args) -> int`. Adding one is one line.
+Subcommands are the classes subcommands() lists, each with `add_parser(subparsers)` and
+`run(args) -> int`. Adding one is one line.
 
 Mistakes the user can fix (unknown task, wrong arguments, bad JSON, bad configuration, Redis
 unreachable or refusing the password) print `taskfleet: error: ...` on stderr and exit non-zero
@@ -11,7 +11,6 @@ within seconds: never a traceback, never minutes of Celery's connection retries.
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import json
 import sys
@@ -31,13 +30,6 @@ PROG = "taskfleet"
 TASK_PREFIX = "app.tasks."
 EXIT_FAIL = 1  # the command ran but the cluster did not do what was asked
 EXIT_USAGE = 2  # the user's input or configuration is wrong (argparse uses 2 as well)
-
-SUBCOMMANDS = (
-    "app.cli:Submit",
-    "app.cli:Status",
-    "app.cli:Ping",
-    "app.cli:ShowConfig",
-)
 
 
 class UserError(Exception):
@@ -451,10 +443,9 @@ class ShowConfig:
 
 # ---------------------------------------------------------------- entry point
 
-def load_subcommand(spec: str) -> Any:
-    module, _, attr = spec.partition(":")
-    obj = importlib.import_module(module)
-    return getattr(obj, attr) if attr else obj
+def subcommands() -> tuple[Any, ...]:
+    """Every subcommand, in the order --help lists them."""
+    return (Submit, Status, Ping, ShowConfig)
 
 
 class Parser(argparse.ArgumentParser):
@@ -473,8 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_text())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                        parser_class=Parser)
-    for spec in SUBCOMMANDS:
-        cmd = load_subcommand(spec)
+    for cmd in subcommands():
         before = set(subparsers.choices)
         cmd.add_parser(subparsers)
         for name in set(subparsers.choices) - before:

@@ -133,11 +133,11 @@ def test_config_command_masks_passwords(run, monkeypatch):
 
 
 def test_subcommands_register_from_one_list(monkeypatch):
-    extra = types.ModuleType("taskfleet_extra")
-    extra.add_parser = lambda sub: sub.add_parser("extra").add_argument("--n", type=int)
-    extra.run = lambda args: args.n
-    monkeypatch.setitem(sys.modules, "taskfleet_extra", extra)
-    monkeypatch.setattr(cli, "SUBCOMMANDS", (*cli.SUBCOMMANDS, "taskfleet_extra"))
+    extra = types.SimpleNamespace(
+        add_parser=lambda sub: sub.add_parser("extra").add_argument("--n", type=int),
+        run=lambda args: args.n)
+    listed = cli.subcommands()
+    monkeypatch.setattr(cli, "subcommands", lambda: (*listed, extra))
     assert cli.main(["extra", "--n", "7"]) == 7
 
 
