@@ -32,15 +32,17 @@ EXIT_USAGE = 2  # the user's input or configuration is wrong (argparse uses 2 as
 
 
 class UserError(Exception):
-    """An error with a one-line explanation; `code` is the exit status."""
+    """A problem the user can fix, in one line: what (`message`), how (`hint`); `code` is the
+    exit status."""
 
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, code: int = EXIT_USAGE, *, hint: str | None = None) -> None:
+        super().__init__(f"{message} ({hint})" if hint else message)
         self.code = code
 
 
-def die(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    raise UserError(message, code)
+def die(message: str, code: int = EXIT_USAGE, *, hint: str | None = None) -> NoReturn:
+    """Stop the command with a user error; main() prints it as one line, never a traceback."""
+    raise UserError(message, code, hint=hint)
 
 
 # ---------------------------------------------------------------- shared helpers

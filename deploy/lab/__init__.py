@@ -10,6 +10,10 @@ Python API (the CLI in cli.py is a thin layer over it):
 
 Each lab has its own state dir /var/lib/taskfleet-lab/<name>/ (state.json, SSH key pair,
 known_hosts, host dirs), bridge tf-<name>, subnet, NAT rule and inventory/<name>/hosts.ini.
+
+One word per idea: util.LabError (message, hint) is the one error a user can fix, util.die()
+raises it, cli.main() prints it as one line `lab: error: ...` (exit 1); util.run() is the one
+subprocess helper; cli.print_table the one table printer.
 """
 
 from __future__ import annotations
