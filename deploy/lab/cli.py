@@ -7,7 +7,8 @@ import json
 import os
 import sys
 
-from . import Lab, image, preflight
+from . import Lab, image
+from .checks import preflight
 from .image import DISTROS
 from .inventory import ALL_GROUPS
 from .util import LabError, die
