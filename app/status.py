@@ -101,8 +101,8 @@ class Ping:
             print(f"{node}: pong")
         print(f"{len(nodes)} worker(s) answered")
         if wanted and (silent := sorted(set(wanted) - set(nodes))):
-            cli.die(f"no answer within {args.timeout:g} s from {', '.join(silent)}",
-                    cli.EXIT_FAIL, hint="on its host: systemctl status taskfleet-worker")
+            cli.die(f"no answer within {args.timeout:g} s from {', '.join(silent)}: on its "
+                    "host, systemctl status taskfleet-worker", cli.EXIT_FAIL)
         if len(nodes) < args.expect:
             cli.die(f"only {len(nodes)} of the {args.expect} expected workers answered "
                     f"within {args.timeout:g} s", cli.EXIT_FAIL)
