@@ -95,7 +95,7 @@ lab-status: venv
 bench: venv system-deps
 	$(LAB) up --redis 1 --workers 3 --clients 1
 	$(BIN)/ansible-playbook -i inventory/lab deploy.yml
-	$(LAB_ENV) $(PY) -m app bench --inventory inventory/lab --out docs/bench
+	$(LAB_ENV) $(PY) -m bench --inventory inventory/lab --out docs/bench
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .mypy_cache

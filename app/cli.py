@@ -1,7 +1,7 @@
 """`python -m app`: submit tasks and look at the cluster, with clear one-line errors.
 
-Subcommands are registered from SUBCOMMANDS: each entry names a module or class with
-`add_parser(subparsers)` and `run(args) -> int`. Adding one (e.g. "app.bench") is one line.
+Subcommands are the classes subcommands() lists, each with `add_parser(subparsers)` and
+`run(args) -> int`. Adding one is one line.
 
 Mistakes the user can fix (unknown task, wrong arguments, bad JSON, bad configuration, Redis
 unreachable or refusing the password) print `taskfleet: error: ...` on stderr and exit non-zero
@@ -11,18 +11,13 @@ within seconds: never a traceback, never minutes of Celery's connection retries.
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import json
 import sys
-import time
-from collections import Counter
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .config import QUEUE_RE, ConfigError, Settings, get_settings
-from .publish import BATCH
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -32,25 +27,19 @@ TASK_PREFIX = "app.tasks."
 EXIT_FAIL = 1  # the command ran but the cluster did not do what was asked
 EXIT_USAGE = 2  # the user's input or configuration is wrong (argparse uses 2 as well)
 
-SUBCOMMANDS = (
-    "app.cli:Submit",
-    "app.cli:Status",
-    "app.cli:Ping",
-    "app.cli:ShowConfig",
-    "app.bench",
-)
-
 
 class UserError(Exception):
-    """An error with a one-line explanation; `code` is the exit status."""
+    """A problem the user can fix, in one line: what (`message`), how (`hint`); `code` is the
+    exit status."""
 
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, code: int = EXIT_USAGE, *, hint: str | None = None) -> None:
+        super().__init__(f"{message} ({hint})" if hint else message)
         self.code = code
 
 
-def die(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    raise UserError(message, code)
+def die(message: str, code: int = EXIT_USAGE, *, hint: str | None = None) -> NoReturn:
+    """Stop the command with a user error; main() prints it as one line, never a traceback."""
+    raise UserError(message, code, hint=hint)
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -151,326 +140,14 @@ def queue_name(text: str) -> str:
     return text
 
 
-class Progress:
-    """A plain progress bar on stderr, drawn only when stderr is a terminal."""
-
-    def __init__(self, label: str, total: int) -> None:
-        self.label, self.total, self.last = label, total, 0.0
-        self.enabled = total > 1 and sys.stderr.isatty()
-
-    def update(self, done: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not force and now - self.last < 0.1 and done < self.total):
-            return
-        self.last = now
-        filled = 30 * done // self.total
-        bar = "#" * filled + "." * (30 - filled)
-        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{self.total}")
-        if done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    def close(self, done: int) -> None:
-        if self.enabled and done < self.total:
-            sys.stderr.write("\n")
-
-
-def release(results: list[Any]) -> None:
-    """Stop listening for results we will not wait for any longer.
-
-    The Redis result backend subscribes to each task's result channel when it is sent; left
-    alone, AsyncResult.__del__ unsubscribes during interpreter shutdown and prints a traceback.
-    """
-    for result in results:
-        result.backend.remove_pending_result(result)
-
-
-def failure_text(task_id: str, meta: dict[str, Any]) -> str:
-    """One line naming a failed task and its exception, from its result meta."""
-    exc = meta.get("result")
-    text = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) \
-        else f"{meta.get('status')}: {exc}"
-    return f"task {task_id}: " + " ".join(text.split())[:300]
-
-
-def rate(n: int, seconds: float) -> str:
-    return f"{n / seconds:.0f} tasks/s" if seconds > 0 else "- tasks/s"
-
-
-# ---------------------------------------------------------------- submit
-
-class Submit:
-    """Send a task (or N copies) and optionally wait for the results."""
-
-    @staticmethod
-    def add_parser(subparsers: Any) -> None:
-        p = subparsers.add_parser(
-            "submit", help="send a task to the workers",
-            description="Send TASK with ARGS to the workers. ARGS are JSON values when they "
-                        "parse (10 is a number, [1,2] a list), plain strings otherwise.",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog="examples:\n  python -m app submit add 10 20 --wait\n"
-                   "  python -m app submit sleep 1 --count 100 --wait\n"
-                   "  python -m app submit sleep --kwargs '{\"seconds\": 2}' --queue slow")
-        p.add_argument("task", metavar="TASK", help="task name: add or app.tasks.add")
-        p.add_argument("args", metavar="ARGS", nargs="*", help="positional arguments")
-        p.add_argument("--kwargs", metavar="JSON", help="keyword arguments as a JSON object")
-        p.add_argument("--queue", metavar="Q", type=queue_name,
-                       help="queue to send to (default: TASKFLEET_DEFAULT_QUEUE)")
-        p.add_argument("--count", metavar="N", type=positive(int), default=1,
-                       help="send N copies on one connection (default 1)")
-        p.add_argument("--batch", metavar="B", type=positive(int), default=BATCH,
-                       help=f"with --count: tasks per Redis round trip (default {BATCH}; "
-                            "1 = each task confirmed by Redis before the next is sent)")
-        p.add_argument("--wait", action="store_true",
-                       help="wait for the result(s); with --count print a summary")
-        p.add_argument("--timeout", metavar="S", type=positive(float), default=60.0,
-                       help="seconds to wait for results with --wait (default 60)")
-
-    @staticmethod
-    def run(args: argparse.Namespace) -> int:
-        app = celery_app()
-        task = resolve_task(app, args.task)
-        call_args = [parse_arg(a) for a in args.args]
-        call_kwargs = parse_kwargs(args.kwargs)
-        check_signature(task, call_args, call_kwargs)
-        s = settings()
-        check_redis(s, backend=args.wait)
-        queue = args.queue or s.default_queue
-        if args.count == 1:
-            return Submit.one(task, call_args, call_kwargs, queue, args)
-        return Submit.many(app, task, call_args, call_kwargs, queue, args)
-
-    @staticmethod
-    def one(task: Task, call_args: list[Any], call_kwargs: dict[str, Any], queue: str,
-            args: argparse.Namespace) -> int:
-        from celery.exceptions import TimeoutError as CeleryTimeout
-
-        result = task.apply_async(call_args, call_kwargs, queue=queue)
-        if not args.wait:
-            release([result])
-            print(result.id)
-            return 0
-        try:
-            value = result.get(timeout=args.timeout, propagate=False)
-        except CeleryTimeout:
-            release([result])
-            die(f"no result for task {result.id} after {args.timeout:g} s: are workers "
-                f"running and consuming queue {queue!r}? (python -m app ping)", EXIT_FAIL)
-        if result.failed():
-            die(f"task {task.name} ({result.id}) failed: {type(value).__name__}: {value}",
-                EXIT_FAIL)
-        print(json.dumps(value))
-        return 0
-
-    @staticmethod
-    def many(app: Celery, task: Task, call_args: list[Any], call_kwargs: dict[str, Any],
-             queue: str, args: argparse.Namespace) -> int:
-        from .publish import BatchPublisher, PublishFailed
-
-        unconfirmed, streak, first_error = 0, 0, None
-        bar = Progress("publishing", args.count)
-        start = time.monotonic()
-        # One connection for the whole burst, `--batch` tasks per Redis round trip.
-        pub = BatchPublisher(app, args.batch)
-        try:
-            with pub:
-                for i in range(args.count):
-                    try:
-                        pub.send(task, call_args, call_kwargs, queue=queue)
-                        streak = 0
-                    except PublishFailed as exc:  # counted and reported, never dropped silently
-                        unconfirmed, streak = unconfirmed + exc.uncertain, streak + 1
-                        first_error = first_error or exc.cause
-                        if streak >= 10:  # Redis is gone: do not spend a retry cycle per batch
-                            break
-                    bar.update(i + 1)
-        except PublishFailed as exc:  # the last batch, sent when the block ends
-            unconfirmed += exc.uncertain
-            first_error = first_error or exc.cause
-        results = pub.accepted
-        failed = args.count - len(results)
-        bar.close(len(results) + failed)
-        release(pub.unconfirmed)
-        published = time.monotonic() - start
-        print(f"submitted {len(results)}/{args.count} tasks to queue {queue!r} in "
-              f"{published:.2f} s ({rate(len(results), published)})")
-        if first_error is not None:
-            from .connection import scrub
-
-            never = failed - unconfirmed
-            print(f"{PROG}: error: {failed} submissions failed ({unconfirmed} unconfirmed: "
-                  f"Redis failed during their batch, they may still run; {never} not sent); "
-                  f"first error: {scrub(str(first_error), app.conf.broker_url)}",
-                  file=sys.stderr)
-        try:
-            if args.wait and results:
-                code = Submit.collect(app, results, args.timeout, start, queue)
-                return code or (EXIT_FAIL if failed else 0)
-            return EXIT_FAIL if failed else 0
-        finally:
-            release(results)
-
-    @staticmethod
-    def collect(app: Celery, results: list[Any], timeout: float, start: float,
-                queue: str) -> int:
-        """Wait for all results (in arrival order) and print the per-worker summary."""
-        from celery.exceptions import TimeoutError as CeleryTimeout
-        from celery.result import ResultSet
-
-        done, failed, workers = 0, 0, Counter[str]()
-        first_failure = ""
-        bar = Progress("results   ", len(results))
-        try:
-            for task_id, meta in ResultSet(results, app=app).iter_native(timeout=timeout):
-                if meta.get("status") == "SUCCESS":
-                    done += 1
-                else:
-                    failed += 1
-                    first_failure = first_failure or failure_text(task_id, meta)
-                # result_extended=True stores the worker's node name (name@host) in the meta.
-                workers[meta.get("worker") or "?"] += 1
-                bar.update(done + failed)
-        except CeleryTimeout:
-            pass
-        bar.close(done + failed)
-        elapsed = time.monotonic() - start
-        missing = len(results) - done - failed
-        print(f"done {done}, failed {failed}, no result {missing} in {elapsed:.2f} s "
-              f"({rate(done + failed, elapsed)})")
-        for worker, n in sorted(workers.items()):
-            print(f"  {worker:<40} {n:>7}")
-        if first_failure:
-            print(f"{PROG}: error: {failed} tasks failed; first failure: {first_failure}",
-                  file=sys.stderr)
-        if missing:
-            print(f"{PROG}: error: {missing} results missing after {timeout:g} s: are workers "
-                  f"running and consuming queue {queue!r}? (python -m app ping)", file=sys.stderr)
-        return EXIT_FAIL if failed or missing else 0
-
-
-# ---------------------------------------------------------------- status / ping / config
-
-class Status:
-    """Live workers and queue depths."""
-
-    @staticmethod
-    def add_parser(subparsers: Any) -> None:
-        p = subparsers.add_parser(
-            "status", help="live workers and queue depths",
-            description="Show every worker that answers (pool, concurrency, tasks running and "
-                        "done) and the messages waiting in each queue. Exit 1 if none answers.")
-        p.add_argument("--timeout", metavar="S", type=positive(float), default=2.0,
-                       help="seconds to wait for workers to answer (default 2)")
-
-    @staticmethod
-    def run(args: argparse.Namespace) -> int:
-        from .connection import queue_depths, unacked_count
-
-        app = celery_app()
-        s = settings()
-        check_redis(s)
-        stats = app.control.inspect(timeout=args.timeout).stats() or {}
-        nodes = sorted(stats)
-        active: dict[str, list[Any]] = {}
-        consumed: dict[str, list[dict[str, Any]]] = {}
-        if nodes:
-            # The first call waited the whole timeout to find the workers; these return as
-            # soon as every known worker has answered.
-            insp = app.control.inspect(destination=nodes, limit=len(nodes), timeout=args.timeout)
-            active = insp.active() or {}
-            consumed = insp.active_queues() or {}
-        rows = [("NODE", "HOST", "POOL", "CONC", "ACTIVE", "PROCESSED")]
-        for node in nodes:
-            st = stats[node]
-            pool = st.get("pool", {})
-            impl = str(pool.get("implementation", "?")).split(":")[0].rsplit(".", 1)[-1]
-            rows.append((node, node.partition("@")[2] or "?", impl,
-                         str(pool.get("max-concurrency", "?")),
-                         str(len(active.get(node) or [])),
-                         str(sum(st.get("total", {}).values()))))
-        print_table(rows)
-        queues = {s.default_queue} | {q["name"] for qs in consumed.values() for q in qs}
-        depths = queue_depths(s.broker_url, sorted(queues), s.connect_timeout)
-        print()
-        print_table([("QUEUE", "WAITING")] + [(q, str(n)) for q, n in depths.items()])
-        unacked = unacked_count(s.broker_url, s.connect_timeout)
-        print(f"unacknowledged (running or reserved): {unacked}")
-        if not nodes:
-            die(f"no worker answered within {args.timeout:g} s", EXIT_FAIL)
-        return 0
-
-
-def print_table(rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-
-
-class Ping:
-    """Every worker answers a ping; fail when fewer than expected do."""
-
-    @staticmethod
-    def add_parser(subparsers: Any) -> None:
-        p = subparsers.add_parser(
-            "ping", help="ping every worker",
-            description="Broadcast a ping, list the workers that answer, exit 1 if fewer than "
-                        "--expect answered.")
-        p.add_argument("--expect", metavar="N", type=int, default=1,
-                       help="minimum number of workers that must answer (default 1)")
-        p.add_argument("--timeout", metavar="S", type=positive(float), default=2.0,
-                       help="seconds to wait for answers (default 2)")
-        p.add_argument("--node", metavar="NAME", action="append", default=[],
-                       help="ping only this worker (repeatable, e.g. worker@host1): returns as "
-                            "soon as all of them answered, exit 1 naming any that did not")
-
-    @staticmethod
-    def run(args: argparse.Namespace) -> int:
-        app = celery_app()
-        check_redis(settings())
-        wanted = sorted(set(args.node))
-        if wanted:  # only these; stop waiting once every one of them answered
-            replies = app.control.ping(destination=wanted, limit=len(wanted),
-                                       timeout=args.timeout) or []
-        else:  # anyone may answer: wait the whole timeout
-            replies = app.control.ping(timeout=args.timeout) or []
-        nodes = sorted(node for reply in replies for node in reply)
-        for node in nodes:
-            print(f"{node}: pong")
-        print(f"{len(nodes)} worker(s) answered")
-        if wanted and (silent := sorted(set(wanted) - set(nodes))):
-            die(f"no answer within {args.timeout:g} s from {', '.join(silent)}: on its host, "
-                "systemctl status taskfleet-worker", EXIT_FAIL)
-        if len(nodes) < args.expect:
-            die(f"only {len(nodes)} of the {args.expect} expected workers answered within "
-                f"{args.timeout:g} s", EXIT_FAIL)
-        return 0
-
-
-class ShowConfig:
-    """Print the effective settings, passwords masked."""
-
-    @staticmethod
-    def add_parser(subparsers: Any) -> None:
-        subparsers.add_parser(
-            "config", help="show the effective Celery settings (passwords masked)",
-            description="Validate the environment and print the Celery settings it gives.")
-
-    @staticmethod
-    def run(args: argparse.Namespace) -> int:
-        s = settings()
-        app = celery_app()
-        print(f"# env file: {s.env_file or '(none)'}")
-        print(app.conf.humanize(censored=True))
-        return 0
-
-
 # ---------------------------------------------------------------- entry point
 
-def load_subcommand(spec: str) -> Any:
-    module, _, attr = spec.partition(":")
-    obj = importlib.import_module(module)
-    return getattr(obj, attr) if attr else obj
+def subcommands() -> tuple[Any, ...]:
+    """Every subcommand, in the order --help lists them."""
+    from .status import Ping, ShowConfig, Status  # they use this module's helpers
+    from .submit import Submit
+
+    return (Submit, Status, Ping, ShowConfig)
 
 
 class Parser(argparse.ArgumentParser):
@@ -489,8 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_text())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                        parser_class=Parser)
-    for spec in SUBCOMMANDS:
-        cmd = load_subcommand(spec)
+    for cmd in subcommands():
         before = set(subparsers.choices)
         cmd.add_parser(subparsers)
         for name in set(subparsers.choices) - before:

@@ -10,13 +10,16 @@ Python API (the CLI in cli.py is a thin layer over it):
 
 Each lab has its own state dir /var/lib/taskfleet-lab/<name>/ (state.json, SSH key pair,
 known_hosts, host dirs), bridge tf-<name>, subnet, NAT rule and inventory/<name>/hosts.ini.
+
+One word per idea: util.LabError (message, hint) is the one error a user can fix, util.die()
+raises it, cli.main() prints it as one line `lab: error: ...` (exit 1); util.run() is the one
+subprocess helper; cli.print_table the one table printer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import ipaddress
 import json
 import os
 import re
@@ -29,8 +32,10 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from . import boot, image, inventory, network
 from . import host as hostmod
-from . import image, inventory, network
+from .boot import BOOT_TIMEOUT
+from .checks import parse_subnet, preflight
 from .util import LabError, run
 
 __all__ = ["Lab", "LabError"]
@@ -39,44 +44,13 @@ STATE_ROOT = Path("/var/lib/taskfleet-lab")
 DEFAULT_NAME = "lab"
 DEFAULT_SUBNET = "10.77.0.0/24"
 FIRST_HOST = 10  # host addresses start at .10 of the subnet; .1 is the bridge (gateway)
-BOOT_TIMEOUT = 90.0
 GROUP_PREFIX = {"redis": "redis", "workers": "worker", "clients": "client", "spare": "spare"}
-# apt package that provides each tool the lab runs on the controller.
-TOOLS = {
-    "systemd-nspawn": "systemd-container", "debootstrap": "debootstrap",
-    "iptables": "iptables", "ip": "iproute2", "ssh": "openssh-client",
-    "ssh-keygen": "openssh-client", "nsenter": "util-linux", "mount": "mount",
-}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,11}$")
 _HOST_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 
 
-def parse_subnet(text: str) -> ipaddress.IPv4Network:
-    try:
-        subnet = ipaddress.IPv4Network(text, strict=False)
-    except ValueError as exc:
-        raise LabError(f"invalid subnet {text!r}", "e.g. --subnet 10.78.0.0/24") from exc
-    if subnet.prefixlen > 26:
-        raise LabError(f"subnet {subnet} is too small", "use a /26 or larger, e.g. /24")
-    return subnet
-
-
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def preflight() -> None:
-    """Root, Linux and the controller tools; one line naming what is missing and the fix."""
-    if not sys.platform.startswith("linux"):
-        raise LabError("the lab needs Linux (systemd-nspawn, overlayfs, bridges)",
-                       "run it on a Debian/Ubuntu box")
-    if os.geteuid() != 0:
-        raise LabError("the lab needs root (mounts, bridges, iptables, nspawn)",
-                       "run it with sudo or as root")
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if missing:
-        pkgs = " ".join(dict.fromkeys(TOOLS[t] for t in missing))
-        raise LabError(f"missing {', '.join(missing)}", f"install with: apt-get install -y {pkgs}")
 
 
 class Lab:
@@ -263,87 +237,13 @@ class Lab:
                  f"taskfleet-lab-{self.name}", "-f", str(self.key)])
         self.key.chmod(0o600)
 
-    def _write_known_hosts(self, state: dict) -> None:
-        lines = [f"{h['ip']} {key}" for n, h in state["hosts"].items()
-                 for key in hostmod.host_keys(self._hostdir(n))]
-        tmp = self.known_hosts.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, self.known_hosts)
-
     def _write_inventory(self, state: dict) -> None:
         inventory.write(self.name, state["hosts"], self.key, self.known_hosts)
-
-    def _boot(self, state: dict, names: list[str]) -> None:
-        """Boot hosts in parallel and wait until each answers SSH with systemd up."""
-        if not names:
-            return
-        subnet = parse_subnet(state["subnet"])
-        dns = network.controller_nameserver()
-        pubkey = Path(f"{self.key}.pub").read_text()
-        hostmod.raise_inotify_limit()
-
-        def prepare(name: str) -> None:
-            h = state["hosts"][name]
-            img = Path(h["image"])
-            if not img.is_dir():
-                raise LabError(f"image {img} of host {name} is gone from the cache",
-                               f"python -m deploy.lab --name {self.name} down, then up")
-            hd = self._hostdir(name)
-            # Never two inits on one disk: clear a half-dead earlier boot of this host first.
-            hostmod.kill_init(self.machine(name))
-            hostmod.kill_strays(str(hd.upper))
-            # A killed host's veth outlives it for a moment (the kernel tears its netns down
-            # asynchronously); nspawn would fail with "File exists" on the same name.
-            if h.get("veth"):
-                network.wait_link_gone(h["veth"])
-            hostmod.mount(hd, img)
-            hostmod.provision(hd, hostname=name, ip=h["ip"], prefix=subnet.prefixlen,
-                              gateway=str(subnet.network_address + 1), dns=dns,
-                              authorized_key=pubkey)
-
-        def boot(name: str) -> None:
-            proc = hostmod.spawn(self._hostdir(name), machine=self.machine(name),
-                                 hostname=name, bridge=self.bridge)
-            self.wait_ready(name, proc=proc)
-            init = self.init_pid(name)
-            if init:
-                state["hosts"][name]["veth"] = network.veth_of(init)
-
-        with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
-            for f in [pool.submit(prepare, n) for n in names]:
-                f.result()
-            self._write_known_hosts(state)
-            for n in names:
-                state["hosts"][n]["wanted"] = "running"
-            self._save(state)
-            self.log(f"lab: booting {', '.join(names)}")
-            errors = [f.exception() for f in [pool.submit(boot, n) for n in names]]
-            self._save(state)
-        for err in errors:
-            if err is not None:
-                raise err
 
     def wait_ready(self, name: str, timeout: float = BOOT_TIMEOUT,
                    proc: subprocess.Popen | None = None) -> None:
         """Until SSH answers and `systemctl is-system-running` is running or degraded."""
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            exited = proc.poll() is not None if proc else self._nspawn(name) is None
-            if exited:
-                tail = hostmod.log_tail(self._hostdir(name))
-                code = f" (exit code {proc.returncode})" if proc else ""
-                raise LabError(f"host {name} exited while booting{code}; last lines of "
-                               f"{self._hostdir(name).log}:\n{tail}")
-            answer = run(self.ssh_argv(name, "systemctl is-system-running"), check=False,
-                         timeout=15)
-            last = (answer.stdout.strip() or answer.stderr.strip()
-                    or "no answer").splitlines()[-1]
-            if last in ("running", "degraded"):
-                return
-            time.sleep(0.3)
-        raise LabError(f"host {name} ({self.ip(name)}) not ready after {timeout:.0f} s "
-                       f"(last answer: {last})", f"see {self._hostdir(name).log}")
+        boot.wait_ready(self, name, timeout, proc)
 
     def up(self, redis: int = 1, workers: int = 2, clients: int = 0, spare: int = 0,
            distros: Iterable[str] = ("bookworm",)) -> list[dict]:
@@ -382,7 +282,7 @@ class Lab:
             built = image.ensure_images([state["hosts"][n]["distro"] for n in todo], self.log)
             self.timings["image_build"] = {d: s for d, s in built.items() if s is not None}
             t1 = time.monotonic()
-            self._boot(state, todo)
+            boot.boot_hosts(self, state, todo)
             self._write_inventory(state)
             self.timings.update(images=round(t1 - t0, 1), boot=round(time.monotonic() - t1, 1),
                                 up=round(time.monotonic() - start, 1), booted=todo)
@@ -404,7 +304,7 @@ class Lab:
             self._prepare_net(state)
             self._save(state)
             try:
-                self._boot(state, [name])
+                boot.boot_hosts(self, state, [name])
             finally:
                 self._write_inventory(state)
         return next(s for s in self.status() if s["name"] == name)
@@ -425,7 +325,7 @@ class Lab:
             if self.init_pid(name) is not None:
                 return
             self._prepare_net(state)
-            self._boot(state, [name])
+            boot.boot_hosts(self, state, [name])
 
     def stop(self, name: str) -> None:
         """Clean poweroff from inside the host; waits for it to exit."""

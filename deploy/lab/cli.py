@@ -7,7 +7,8 @@ import json
 import os
 import sys
 
-from . import Lab, image, preflight
+from . import Lab, image
+from .checks import preflight
 from .image import DISTROS
 from .inventory import ALL_GROUPS
 from .util import LabError, die
@@ -60,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def print_status(rows: list[dict]) -> None:
+def print_table(rows: list[dict]) -> None:
     if not rows:
         print("no hosts")
         return
@@ -77,16 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         lab = Lab(args.name, subnet=args.subnet)
         cmd = args.command
         if cmd == "up":
-            print_status(lab.up(redis=args.redis, workers=args.workers, clients=args.clients,
+            print_table(lab.up(redis=args.redis, workers=args.workers, clients=args.clients,
                                 spare=args.spare, distros=args.distros))
         elif cmd == "add":
-            print_status([lab.add(args.host, args.group, args.distro)])
+            print_table([lab.add(args.host, args.group, args.distro)])
         elif cmd == "status":
             rows = lab.status()
             if args.json:
                 print(json.dumps(rows, indent=2))
             else:
-                print_status(rows)
+                print_table(rows)
         elif cmd == "ssh":
             if lab.init_pid(args.host) is None and args.host in lab.hosts():
                 die(f"host {args.host} is not running",
@@ -103,9 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             getattr(lab, cmd)(args.host)
     except LabError as exc:
-        die(exc.message, exc.hint)
+        error = exc
     except OSError as exc:  # e.g. a file the lab needs vanished: still one line, no traceback
-        die(str(exc))
+        error = LabError(str(exc))
     except KeyboardInterrupt:
-        die("interrupted")
-    return 0
+        error = LabError("interrupted")
+    else:
+        return 0
+    print(f"lab: error: {error}", file=sys.stderr)
+    return 1

@@ -1,10 +1,9 @@
-"""The one subprocess helper and the error type every lab module uses."""
+"""The one subprocess helper, the one user error (LabError) and die(), for every lab module."""
 
 from __future__ import annotations
 
 import shlex
 import subprocess
-import sys
 from typing import NoReturn
 
 
@@ -55,9 +54,5 @@ def run(
 
 
 def die(message: str, hint: str | None = None) -> NoReturn:
-    """Print one clear line (plus an optional fix) and exit non-zero: no traceback."""
-    line = f"lab: error: {message}"
-    if hint:
-        line += f" ({hint})"
-    print(line, file=sys.stderr)
-    sys.exit(1)
+    """Stop the command with a user error; cli.main() prints it as one line, exit status 1."""
+    raise LabError(message, hint)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 
 import pytest
 
-from .conftest import record_timing
+from .conftest import REPO, clean_environ, record_timing
 
 pytestmark = pytest.mark.lab
 
@@ -22,7 +23,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def bench(cluster, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return cluster.app("bench", *args, timeout=timeout)
+    """`python -m bench ...` on the controller, configured by the deploy's env file."""
+    env = clean_environ() | {"TASKFLEET_ENV_FILE": str(cluster.env_file)}
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def positive(x) -> bool:
@@ -43,7 +47,7 @@ def check_pair(fig: dict) -> None:
 def test_quick_bench_end_to_end(cluster, tmp_path):
     out = tmp_path / "bench"
     doc = tmp_path / "PERFORMANCE.md"
-    from app.bench import DOC_BEGIN, DOC_END
+    from bench.report import DOC_BEGIN, DOC_END
 
     doc.write_text(f"# Performance\n\nintro\n\n{DOC_BEGIN}\nSTALE-TABLE\n{DOC_END}\n\nafter\n")
     start = time.monotonic()
@@ -99,6 +103,12 @@ def test_quick_bench_end_to_end(cluster, tmp_path):
         assert state.stdout.strip() != "active", host
     ping = cluster.app("ping", timeout=60)
     assert "baseline@" not in ping.stdout
+    # Nor is the bench's code, on the workers or the client: it reaches the hosts for a run
+    # (playbooks/bench.yml), never with the app.
+    for host in [*workers, result["hosts"]["latency_from"]]:
+        left = cluster.on(host, "ls", "/opt/taskfleet/bench", "/opt/taskfleet/app/bench.py",
+                          "/opt/taskfleet/app/baseline.py")
+        assert left.returncode != 0 and not left.stdout.strip(), (host, left.stdout)
 
 
 def test_bench_rejects_bad_options_fast(cluster):

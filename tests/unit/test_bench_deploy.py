@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from app import bench
+from bench import remote
 
 
 def test_deploy_figures_ignore_other_timings_with_similar_names(tmp_path, monkeypatch):
@@ -18,15 +18,15 @@ def test_deploy_figures_ignore_other_timings_with_similar_names(tmp_path, monkey
         "deploy: no-change re-run": 32.5,
         "deploy: scale-out (+1 worker)": 54.5,
     }))
-    monkeypatch.setattr(bench, "REPO", tmp_path)
-    monkeypatch.setattr(bench, "TIMINGS_FILE", timings)
-    got = bench.deploy_figures(measure=False, inventory=None)
+    monkeypatch.setattr(remote, "REPO", tmp_path)
+    monkeypatch.setattr(remote, "TIMINGS_FILE", timings)
+    got = remote.deploy_figures(measure=False, inventory=None)
     assert (got["cold_s"], got["no_change_s"], got["scale_out_s"]) == (91.9, 32.5, 54.5)
     assert got["source"] == ".cache/lab-timings.json"
 
 
 def test_deploy_figures_without_a_timings_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "REPO", tmp_path)
-    monkeypatch.setattr(bench, "TIMINGS_FILE", tmp_path / ".cache" / "lab-timings.json")
-    assert bench.deploy_figures(measure=False, inventory=None) == {
+    monkeypatch.setattr(remote, "REPO", tmp_path)
+    monkeypatch.setattr(remote, "TIMINGS_FILE", tmp_path / ".cache" / "lab-timings.json")
+    assert remote.deploy_figures(measure=False, inventory=None) == {
         "source": ".cache/lab-timings.json"}

@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from app import cli
+from app import cli, submit
 
 ROOT = cli.__file__.rsplit("/app/", 1)[0]
 KNOWN = "add, beat_tick, cpu, mark, noop, sleep, whoami"
@@ -100,7 +100,7 @@ def test_good_task_input_reaches_the_broker_check(run, argv):
                   "(see: python -m app submit --help)"),
     ((), "the following arguments are required: COMMAND (see: python -m app --help)"),
     (("frobnicate",), "argument COMMAND: invalid choice: 'frobnicate' (choose from 'submit', "
-                      "'status', 'ping', 'config', 'bench') (see: python -m app --help)"),
+                      "'status', 'ping', 'config') (see: python -m app --help)"),
 ])
 def test_usage_errors_are_one_line(run, argv, message):
     assert run(*argv) == (2, "", f"taskfleet: error: {message}\n")
@@ -133,11 +133,11 @@ def test_config_command_masks_passwords(run, monkeypatch):
 
 
 def test_subcommands_register_from_one_list(monkeypatch):
-    extra = types.ModuleType("taskfleet_extra")
-    extra.add_parser = lambda sub: sub.add_parser("extra").add_argument("--n", type=int)
-    extra.run = lambda args: args.n
-    monkeypatch.setitem(sys.modules, "taskfleet_extra", extra)
-    monkeypatch.setattr(cli, "SUBCOMMANDS", (*cli.SUBCOMMANDS, "taskfleet_extra"))
+    extra = types.SimpleNamespace(
+        add_parser=lambda sub: sub.add_parser("extra").add_argument("--n", type=int),
+        run=lambda args: args.n)
+    listed = cli.subcommands()
+    monkeypatch.setattr(cli, "subcommands", lambda: (*listed, extra))
     assert cli.main(["extra", "--n", "7"]) == 7
 
 
@@ -157,12 +157,12 @@ class FakeTTY(io.StringIO):
 
 def test_progress_bar_only_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    bar = cli.Progress("publishing", 4)
+    bar = submit.Progress("publishing", 4)
     for i in range(1, 5):
         bar.update(i)
     assert sys.stderr.getvalue() == ""
     monkeypatch.setattr(sys, "stderr", FakeTTY())
-    bar = cli.Progress("publishing", 4)
+    bar = submit.Progress("publishing", 4)
     bar.update(2, force=True)
     bar.update(4)
     assert sys.stderr.getvalue() == (
@@ -231,7 +231,7 @@ class FakeApp:
 
 def batch(task: FlakyTask, count: int, size: int = 1, app: FakeApp | None = None) -> int:
     args = types.SimpleNamespace(count=count, wait=False, timeout=1.0, batch=size)
-    return cli.Submit.many(app or FakeApp(), task, [], {}, "celery", args)  # type: ignore[arg-type]
+    return submit.Submit.many(app or FakeApp(), task, [], {}, "celery", args)  # type: ignore[arg-type]
 
 
 def test_batch_counts_failed_submissions(capsys):
@@ -264,3 +264,11 @@ def test_batched_publish_counts_a_failed_flush_and_declares_once(capsys):
     assert out.startswith("submitted 150/250 tasks")
     assert err.startswith("taskfleet: error: 100 submissions failed (100 unconfirmed: ")
     assert "; 0 not sent)" in err
+
+
+def test_failure_text_is_one_line_with_the_exception():
+    exc = TypeError("unsupported operand type(s) for +:\n 'int' and 'str'")
+    assert submit.failure_text("abc", {"status": "FAILURE", "result": exc}) == (
+        "task abc: TypeError: unsupported operand type(s) for +: 'int' and 'str'")
+    assert submit.failure_text("abc", {"status": "REVOKED", "result": None}) == \
+        "task abc: REVOKED: None"

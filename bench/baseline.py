@@ -1,15 +1,15 @@
-"""The plain setup Taskfleet replaces, for `python -m app bench` to compare against.
+"""The plain setup Taskfleet replaces, for `python -m bench` to compare against.
 
 A minimal Celery app with Celery's defaults: only the broker and result backend URLs (the same
 environment variables and env file as the kit) and the JSON serializer (already Celery's
 default, stated here so the comparison is explicit). Nothing is tuned: default prefetch (4),
 gossip, mingle, heartbeats, early acks, no batching on the client. The bench runs its workers as
 
-    celery -A app.baseline worker --pool=solo -n baseline@%h -Q bench.idle
+    celery -A bench.baseline worker --pool=solo -n baseline@%h -Q bench.idle
 
-on the same worker hosts as the kit (started and stopped by the bench) and sends them the same
-task bodies as app.tasks under their own names, so kit and baseline never take each other's
-messages.
+on the same worker hosts as the kit (copied there, started, stopped and removed by
+playbooks/bench.yml) and sends them the same task bodies as app.tasks under their own names, so
+kit and baseline never take each other's messages.
 """
 
 from __future__ import annotations
