@@ -1,7 +1,6 @@
 """Operating features on real lab hosts: one beat scheduler (and moving it), the Flower
 dashboard behind basic auth and a firewall, and TLS between every node and Redis.
 
-
 Runs last on the shared lab (conftest.RUN_LAST): it leaves beat and Flower running. Full deploys
 dominate the time, so there are two: one switches TLS on while adding beat and Flower to the
 running cluster, the last switches TLS off again (TLS back to the default); moving beat reruns
