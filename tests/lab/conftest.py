@@ -103,7 +103,8 @@ def fleet(three_workers: DeployedLab, report: Report) -> Iterator[Fleet]:
     """The test's Celery and Redis clients for the three workers; the module's time counts
     towards the suite time of the report."""
     f = Fleet(three_workers)
-    assert wait_until(lambda: len(f.ping()) >= 3, 30), f"workers not answering: {f.ping()}"
+    assert wait_until(lambda: len(f.answering()) >= 3, 30), \
+        f"workers not answering: {f.answering()}"
     with report.timed():
         yield f
 

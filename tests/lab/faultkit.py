@@ -187,6 +187,14 @@ class Fleet:
         replies = self.celery.control.ping(timeout=timeout) or []
         return sorted(node for reply in replies for node in reply)
 
+    def answering(self) -> list[str]:
+        """The nodes answering a ping; none while the broker connection fails (a suite may
+        start right after another one's Redis fault)."""
+        try:
+            return self.ping()
+        except Exception:
+            return []
+
     def consumes(self, worker: str, timeout: float) -> float | None:
         """Seconds until a task pinned to the worker's host queue ran there, None if never."""
         batch = f"canary-{worker}-{uuid.uuid4().hex[:6]}"
