@@ -16,7 +16,7 @@ import pytest
 from .itkit import (
     REDIS_SERVER,
     USER,
-    Cluster,
+    LocalWorkers,
     RedisServer,
     free_port,
     node_env,
@@ -80,10 +80,10 @@ def redis_server(no_celery_env, tmp_path_factory) -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
-def cluster(redis_server, tmp_path_factory) -> Iterator[Cluster]:
+def cluster(redis_server, tmp_path_factory) -> Iterator[LocalWorkers]:
     """Two workers (w1, w2) on database 0 with the default settings."""
     tmp = tmp_path_factory.mktemp("cluster")
     env = node_env(tmp, redis_server.url(0))
-    c = Cluster(env, start_workers(env, ["w1", "w2"], tmp))
+    c = LocalWorkers(env, start_workers(env, ["w1", "w2"], tmp))
     yield c
     stop_workers(c.workers)

@@ -174,7 +174,9 @@ def with_pgid(pgid: int, sig: int) -> None:
 
 
 @dataclass
-class Cluster:
+class LocalWorkers:
+    """`celery worker` processes started on this machine from the repository, and their env."""
+
     env: dict[str, str]
     workers: list[Worker] = field(default_factory=list)
 

@@ -1,28 +1,29 @@
-"""Shared fixtures for tests on lab hosts: one lab, deployed once, used by every module.
+"""Fixtures of the tests on lab hosts: one lab, deployed once, used by every file.
 
-The lab is named "ci" on its own subnet so it never touches the user's `make demo` lab. Set
-TASKFLEET_KEEP_LAB=1 to leave it running after the session (for debugging).
+The harness is in labkit.py (the deployed lab) and faultkit.py (the reliability suites). Set
+TASKFLEET_KEEP_LAB=1 to leave the lab running after the session (for debugging).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-LAB_NAME = os.environ.get("TASKFLEET_TEST_LAB", "ci")
-LAB_SUBNET = os.environ.get("TASKFLEET_TEST_SUBNET", "10.79.0.0/24")
-TIMINGS_FILE = REPO / ".cache" / "lab-timings.json"
+from .faultkit import AppCode, Fleet, Report, wait_until
+from .labkit import (
+    LAB_NAME,
+    LAB_SUBNET,
+    TIMINGS,
+    TIMINGS_FILE,
+    DeployedLab,
+    lab_missing,
+    record_timing,
+)
 
 # Short timeouts so the fault scenarios finish in CI time; docs/RELIABILITY.md gives the
 # production values. Every fault-suite task sleeps at most 2 s, so a 10 s hard limit never
@@ -41,90 +42,6 @@ taskfleet_visibility_timeout: 12
 celery_worker_watchdog_sec: 20
 celery_worker_stop_timeout: 15
 """
-
-TIMINGS: dict[str, float] = {}
-
-
-def record_timing(name: str, seconds: float) -> None:
-    """Keep a wall time for the terminal summary and for the docs generators."""
-    TIMINGS[name] = round(seconds, 1)
-    print(f"\n[timing] {name}: {seconds:.1f} s")
-
-
-def lab_missing() -> str | None:
-    if os.geteuid() != 0:
-        return "lab tests need root (systemd-nspawn, bridges, mounts)"
-    if shutil.which("systemd-nspawn") is None or shutil.which("debootstrap") is None:
-        return "lab tests need systemd-nspawn and debootstrap (make test installs them)"
-    return None
-
-
-@dataclass
-class Run:
-    rc: int
-    out: str
-    seconds: float
-
-    def recap(self) -> dict[str, dict[str, int]]:
-        """Parse PLAY RECAP lines: {host: {"ok": n, "changed": n, ...}}."""
-        hosts: dict[str, dict[str, int]] = {}
-        for line in self.out.split("PLAY RECAP")[-1].splitlines():
-            m = re.match(r"^(\S+)\s+:\s+(.*)$", line.strip())
-            if m:
-                hosts[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
-        return hosts
-
-
-def clean_environ() -> dict[str, str]:
-    """os.environ without app settings: lab commands must take theirs from the deploy's env
-    file, never from a variable an earlier test (or the developer's shell) left behind."""
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("CELERY_", "TASKFLEET_"))}
-
-
-def ansible_playbook(inventory: Path, playbook: str = "deploy.yml", *args: str,
-                     timeout: float = 900) -> Run:
-    """Run the real ansible-playbook from the repo root; output is kept for assertions."""
-    cmd = [str(BIN / "ansible-playbook"), "-i", str(inventory), playbook, *args]
-    env = clean_environ() | {"ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1",
-                        "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-    out = proc.stdout + proc.stderr
-    return Run(proc.returncode, out, time.monotonic() - start)
-
-
-class Cluster:
-    """A lab plus its inventory dir and the controller's env file written by the deploy."""
-
-    def __init__(self, lab):
-        self.lab = lab
-        self.inventory = lab.inventory_path.parent
-        self.env_file = self.inventory / "taskfleet.env"
-
-    def deploy(self, *args: str, playbook: str = "deploy.yml") -> Run:
-        return ansible_playbook(self.inventory, playbook, *args)
-
-    def app(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None,
-            check: bool = False) -> subprocess.CompletedProcess[str]:
-        """`python -m app ...` on the controller, configured by the deploy's env file."""
-        full_env = clean_environ() | {"TASKFLEET_ENV_FILE": str(self.env_file)} | (env or {})
-        return subprocess.run([sys.executable, "-m", "app", *args], cwd=REPO, env=full_env,
-                              capture_output=True, text=True, timeout=timeout, check=check)
-
-    def on(self, host: str, *cmd: str, timeout: float = 120,
-           check: bool = False) -> subprocess.CompletedProcess[str]:
-        """A command on a lab host over SSH."""
-        return self.lab.ssh(host, *cmd, check=check, timeout=timeout)
-
-    def workers(self) -> list[str]:
-        return [h["name"] for h in self.lab.status() if h["group"] == "workers"]
-
-    def main_pid(self, host: str) -> int:
-        out = self.on(host, "systemctl", "show", "-p", "MainPID", "--value",
-                      "taskfleet-worker", check=True).stdout
-        return int(out.strip())
 
 
 @pytest.fixture(scope="session")
@@ -147,13 +64,60 @@ def lab():
 
 
 @pytest.fixture(scope="session")
-def cluster(lab) -> Cluster:
+def cluster(lab) -> DeployedLab:
     """The lab with Taskfleet deployed on it (cold deploy, timed once per session)."""
-    c = Cluster(lab)
+    c = DeployedLab(lab)
     run = c.deploy()
     record_timing("deploy: cold", run.seconds)
     assert run.rc == 0, run.out[-6000:]
     return c
+
+
+# --------------------------------------------------------------------------- reliability suites
+
+
+@pytest.fixture(scope="session")
+def report(cluster: DeployedLab) -> Iterator[Report]:
+    """The rows of every reliability suite of the session (test_faults, test_security_lab,
+    test_changes, ...); saved to .cache/reliability.json and rendered into docs/RELIABILITY.md
+    once, when the session ends."""
+    rep = Report()
+    yield rep
+    rep.save(cluster)
+
+
+@pytest.fixture(scope="session")
+def three_workers(cluster: DeployedLab) -> DeployedLab:
+    """The cluster with worker3 (the deployment tests' scale-out adds it; a suite run without
+    them adds it here)."""
+    if "worker3" not in cluster.workers():
+        cluster.lab.add("worker3", "workers", distro="trixie")
+        run = cluster.deploy()
+        record_timing("deploy: scale-out for the fault suite", run.seconds)
+        assert run.rc == 0, run.out[-4000:]
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def fleet(three_workers: DeployedLab, report: Report) -> Iterator[Fleet]:
+    """The test's Celery and Redis clients for the three workers; the module's time counts
+    towards the suite time of the report."""
+    f = Fleet(three_workers)
+    assert wait_until(lambda: len(f.answering()) >= 3, 30), \
+        f"workers not answering: {f.answering()}"
+    with report.timed():
+        yield f
+
+
+@pytest.fixture(scope="module")
+def app_code(cluster: DeployedLab) -> Iterator[AppCode]:
+    """Which app code the workers run; the repository's again when the module ends."""
+    code = AppCode(cluster)
+    yield code
+    code.restore()
+
+
+# --------------------------------------------------------------------------- session hooks
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -167,10 +131,18 @@ def pytest_terminal_summary(terminalreporter):
     TIMINGS_FILE.write_text(json.dumps(old | TIMINGS, indent=2) + "\n")
 
 
-# Modules share one deployed lab, so their order matters: the lab tool's own tests (their own
-# lab), then the deployment (bad inventories first, while the hosts are still fresh; scale-out
-# last), the benchmark (wants 3 workers), and the fault suite, which ends by scaling in.
-MODULE_ORDER = ["test_lab", "test_deploy", "test_bench", "test_faults", "test_operate"]
+# Every file sets up what it needs through its fixtures, so each also runs on its own. Files
+# share one deployed lab, though, and some change it for those after them: only these are
+# ordered, the others keep pytest's order between the two lists.
+RUN_FIRST = [
+    "test_lab",  # boots a lab of its own: done before the shared one is up
+    "test_deploy",  # its bad inventories need fresh hosts; its checks expect two workers
+]
+RUN_LAST = [
+    "test_security_lab",  # its password search covers the journals the faults filled
+    "test_changes",  # scale-in takes worker3 away for good
+    "test_operate",  # leaves beat and Flower running: the suites above need an idle broker
+]
 
 
 def pytest_collection_modifyitems(items):
@@ -181,6 +153,10 @@ def pytest_collection_modifyitems(items):
         if path.parent != here:
             return -1  # unit and integration tests first: fast feedback
         stem = path.stem
-        return MODULE_ORDER.index(stem) if stem in MODULE_ORDER else len(MODULE_ORDER)
+        if stem in RUN_FIRST:
+            return RUN_FIRST.index(stem)
+        if stem in RUN_LAST:
+            return len(RUN_FIRST) + 1 + RUN_LAST.index(stem)
+        return len(RUN_FIRST)
 
     items.sort(key=rank)  # stable: order inside a module is kept

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Cluster, ansible_playbook, record_timing
+from .labkit import DeployedLab, ansible_playbook, record_timing
 
 pytestmark = pytest.mark.lab
 
@@ -95,7 +95,7 @@ def test_bad_inventory_stops_before_any_change(lab, tmp_path):
 # --------------------------------------------------------------------------- cold deploy
 
 
-def test_cold_deploy_verifies_every_worker(cluster: Cluster):
+def test_cold_deploy_verifies_every_worker(cluster: DeployedLab):
     """The cluster fixture ran the cold deploy; its last play (verify) checked every worker. Run
     the verification playbook alone too: it must pass on its own."""
     run = cluster.deploy(playbook="playbooks/verify.yml")
@@ -105,7 +105,7 @@ def test_cold_deploy_verifies_every_worker(cluster: Cluster):
 
 
 @pytest.mark.parametrize("node", ["controller", "redis1", "worker1", "client1"])
-def test_submit_from_every_node(cluster: Cluster, node):
+def test_submit_from_every_node(cluster: DeployedLab, node):
     if node == "controller":
         proc = cluster.app("submit", "add", "10", "20", "--wait", "--timeout", "30")
     else:
@@ -115,7 +115,7 @@ def test_submit_from_every_node(cluster: Cluster, node):
     assert proc.stdout.strip() == "30"
 
 
-def test_canary_on_each_host_queue(cluster: Cluster):
+def test_canary_on_each_host_queue(cluster: DeployedLab):
     """A task pinned to a worker's own host queue runs on that host, on both distributions."""
     for worker in ("worker1", "worker2"):
         proc = cluster.app("submit", "whoami", "--queue", f"host.{worker}", "--wait",
@@ -127,13 +127,13 @@ def test_canary_on_each_host_queue(cluster: Cluster):
     assert sorted(versions.values()) == ["12", "13"], versions
 
 
-def test_batch_spreads_over_workers(cluster: Cluster):
+def test_batch_spreads_over_workers(cluster: DeployedLab):
     proc = cluster.app("submit", "whoami", "--count", "40", "--wait", "--timeout", "60")
     assert proc.returncode == 0, proc.stderr
     assert "worker1" in proc.stdout and "worker2" in proc.stdout, proc.stdout
 
 
-def test_status_and_ping(cluster: Cluster):
+def test_status_and_ping(cluster: DeployedLab):
     ping = cluster.app("ping", "--expect", "2")
     assert ping.returncode == 0, ping.stderr
     assert cluster.app("ping", "--expect", "3", "--timeout", "2").returncode != 0
@@ -145,7 +145,7 @@ def test_status_and_ping(cluster: Cluster):
 # --------------------------------------------------------------------------- day 2
 
 
-def test_second_run_changes_nothing(cluster: Cluster):
+def test_second_run_changes_nothing(cluster: DeployedLab):
     run = cluster.deploy()
     record_timing("deploy: no-change re-run", run.seconds)
     assert run.rc == 0, run.out[-4000:]
@@ -156,7 +156,7 @@ def test_second_run_changes_nothing(cluster: Cluster):
     assert not changed, f"re-run changed something: {changed}\n{run.out[-6000:]}"
 
 
-def test_check_mode_on_deployed_cluster(cluster: Cluster):
+def test_check_mode_on_deployed_cluster(cluster: DeployedLab):
     run = cluster.deploy("--check", "--diff")
     assert run.rc == 0, run.out[-4000:]
     assert not any(r.get("failed") for r in run.recap().values())
@@ -165,7 +165,7 @@ def test_check_mode_on_deployed_cluster(cluster: Cluster):
 # --------------------------------------------------------------------------- security
 
 
-def test_secrets_are_not_world_readable_and_workers_not_root(cluster: Cluster):
+def test_secrets_are_not_world_readable_and_workers_not_root(cluster: DeployedLab):
     for host in ("redis1", "worker1", "worker2", "client1"):
         st = cluster.on(host, "stat", "-c", "%a %U %G", "/etc/taskfleet/taskfleet.env",
                         check=True).stdout.split()
@@ -177,7 +177,7 @@ def test_secrets_are_not_world_readable_and_workers_not_root(cluster: Cluster):
     assert (cluster.env_file.stat().st_mode & 0o077) == 0
 
 
-def test_outsider_cannot_reach_redis(cluster: Cluster):
+def test_outsider_cannot_reach_redis(cluster: DeployedLab):
     """spare1 is on the same network but not in the inventory: the firewall drops it."""
     redis_ip = cluster.lab.ip("redis1")
     probe = ("import socket,sys\n"
@@ -187,7 +187,7 @@ def test_outsider_cannot_reach_redis(cluster: Cluster):
     assert cluster.on("client1", "python3", "-c", probe).returncode == 0
 
 
-def test_wrong_password_is_refused_clearly(cluster: Cluster):
+def test_wrong_password_is_refused_clearly(cluster: DeployedLab):
     url = f"redis://taskfleet:not-the-password@{cluster.lab.ip('redis1')}:6379/0"
     proc = cluster.on("client1", "env", f"CELERY_BROKER_URL={url}", f"CELERY_RESULT_BACKEND={url}",
                       "taskfleet", "submit", "add", "1", "2", "--wait", timeout=30)
@@ -201,7 +201,7 @@ def test_wrong_password_is_refused_clearly(cluster: Cluster):
 # --------------------------------------------------------------------------- scale out
 
 
-def test_scale_out_adds_a_worker_without_restarting_others(cluster: Cluster):
+def test_scale_out_adds_a_worker_without_restarting_others(cluster: DeployedLab):
     before = {w: cluster.main_pid(w) for w in ("worker1", "worker2")}
     cluster.lab.add("worker3", "workers", distro="trixie")
     run = cluster.deploy()

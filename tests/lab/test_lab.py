@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, TIMINGS, lab_missing, record_timing
+from .labkit import REPO, TIMINGS, lab_missing, record_timing
 
 pytestmark = pytest.mark.lab
 

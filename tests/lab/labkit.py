@@ -1,0 +1,110 @@
+"""Harness of the tests on lab hosts: the deployed lab, ansible-playbook runs, wall times.
+
+A plain module, imported by conftest.py (the fixtures) and the test files. The lab is named
+"ci" on its own subnet so it never touches the user's `make demo` lab; TASKFLEET_TEST_LAB and
+TASKFLEET_TEST_SUBNET choose another one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+LAB_NAME = os.environ.get("TASKFLEET_TEST_LAB", "ci")
+LAB_SUBNET = os.environ.get("TASKFLEET_TEST_SUBNET", "10.79.0.0/24")
+TIMINGS_FILE = REPO / ".cache" / "lab-timings.json"
+
+# Wall times of this session, printed by conftest's terminal summary: an append-only record,
+# never read by a test.
+TIMINGS: dict[str, float] = {}
+
+
+def record_timing(name: str, seconds: float) -> None:
+    """Keep a wall time for the terminal summary and for the docs generators."""
+    TIMINGS[name] = round(seconds, 1)
+    print(f"\n[timing] {name}: {seconds:.1f} s")
+
+
+def lab_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "lab tests need root (systemd-nspawn, bridges, mounts)"
+    if shutil.which("systemd-nspawn") is None or shutil.which("debootstrap") is None:
+        return "lab tests need systemd-nspawn and debootstrap (make test installs them)"
+    return None
+
+
+@dataclass
+class Run:
+    rc: int
+    out: str
+    seconds: float
+
+    def recap(self) -> dict[str, dict[str, int]]:
+        """Parse PLAY RECAP lines: {host: {"ok": n, "changed": n, ...}}."""
+        hosts: dict[str, dict[str, int]] = {}
+        for line in self.out.split("PLAY RECAP")[-1].splitlines():
+            m = re.match(r"^(\S+)\s+:\s+(.*)$", line.strip())
+            if m:
+                hosts[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
+        return hosts
+
+
+def clean_environ() -> dict[str, str]:
+    """os.environ without app settings: lab commands must take theirs from the deploy's env
+    file, never from a variable an earlier test (or the developer's shell) left behind."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("CELERY_", "TASKFLEET_"))}
+
+
+def ansible_playbook(inventory: Path, playbook: str = "deploy.yml", *args: str,
+                     timeout: float = 900) -> Run:
+    """Run the real ansible-playbook from the repo root; output is kept for assertions."""
+    cmd = [str(BIN / "ansible-playbook"), "-i", str(inventory), playbook, *args]
+    env = clean_environ() | {"ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1",
+                        "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    out = proc.stdout + proc.stderr
+    return Run(proc.returncode, out, time.monotonic() - start)
+
+
+class DeployedLab:
+    """A lab with Taskfleet deployed on it: its inventory dir and the controller's env file
+    written by the deploy, and ways to run the playbook, the app and commands on its hosts."""
+
+    def __init__(self, lab):
+        self.lab = lab
+        self.inventory = lab.inventory_path.parent
+        self.env_file = self.inventory / "taskfleet.env"
+
+    def deploy(self, *args: str, playbook: str = "deploy.yml") -> Run:
+        return ansible_playbook(self.inventory, playbook, *args)
+
+    def app(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None,
+            check: bool = False) -> subprocess.CompletedProcess[str]:
+        """`python -m app ...` on the controller, configured by the deploy's env file."""
+        full_env = clean_environ() | {"TASKFLEET_ENV_FILE": str(self.env_file)} | (env or {})
+        return subprocess.run([sys.executable, "-m", "app", *args], cwd=REPO, env=full_env,
+                              capture_output=True, text=True, timeout=timeout, check=check)
+
+    def on(self, host: str, *cmd: str, timeout: float = 120,
+           check: bool = False) -> subprocess.CompletedProcess[str]:
+        """A command on a lab host over SSH."""
+        return self.lab.ssh(host, *cmd, check=check, timeout=timeout)
+
+    def workers(self) -> list[str]:
+        return [h["name"] for h in self.lab.status() if h["group"] == "workers"]
+
+    def main_pid(self, host: str) -> int:
+        out = self.on(host, "systemctl", "show", "-p", "MainPID", "--value",
+                      "taskfleet-worker", check=True).stdout
+        return int(out.strip())
