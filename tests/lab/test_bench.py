@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from .conftest import REPO, clean_environ, record_timing
+from .labkit import REPO, clean_environ, record_timing
 
 pytestmark = pytest.mark.lab
 
