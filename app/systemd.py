@@ -1,19 +1,10 @@
 """The two messages a Taskfleet worker sends to systemd: readiness and watchdog pings.
 
 sd_notify is one datagram on a Unix socket (systemd's sd_notify(3)); no library needed.
-
-**Readiness.** The worker unit is Type=notify: `systemctl (re)start` returns once the worker is
-connected to Redis and consuming, so a rolling deploy waits for real readiness, and a worker that
-cannot get ready fails its start instead of counting as running.
-
-**Watchdog.** With WatchdogSec= in the unit, systemd restarts a worker that stops pinging. The
-worker pings from its own event loop (app/celery.py), so a main process that is alive but no
-longer looping, and would sit there forever, gets restarted. The case that made it necessary:
-a pool child killed at its hard time limit while the network to Redis was down left a partial
-message in the result pipe; the main process failed with "Unrecoverable error: UnpicklingError"
-and its shutdown then blocked for good on that pipe, still "active (running)" for systemd, so
-Restart= never fired and the host's queue (host.<name>) stalled. tests/lab/test_faults.py
-freezes a worker's main process to prove the restart.
+Readiness: the worker unit is Type=notify, so `systemctl (re)start` returns once the worker is
+connected and consuming (a rolling deploy waits for real readiness). Watchdog: with WatchdogSec=
+in the unit, systemd restarts a worker whose event loop stops pinging, such as a main process
+stuck after an UnpicklingError (docs/RELIABILITY.md, "Four bugs", 4).
 """
 
 from __future__ import annotations
