@@ -9,8 +9,9 @@ not after a fixed wait), and files one row under its key with Report.scenario. T
 rows go to .cache/reliability.json, and tests/lab/reliability.py renders docs/RELIABILITY.md
 from them once, when the session ends.
 
-The shared lab the suites expect: redis1, worker1..worker3, client1, spare1; the short time
-limits and visibility timeout of conftest's TEST_GROUP_VARS keep the recovery waits short.
+The shared lab the suites expect: redis1, worker1..worker3, client1, spare1, with the
+production task settings (conftest's TEST_GROUP_VARS): recovery waits are bounded by the
+heartbeats' dead-after time, not by the hour-long visibility timeout.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ MARK = "app.tasks.mark"
 LEDGER_PREFIX = "taskfleet:ledger:"
 WORKERS = ("worker1", "worker2", "worker3")
 SERVICE = "taskfleet-worker"
+# A `mark` task cut off from Redis retries its ledger write with at most 2 s between tries
+# (app/connection.retry_until_back) and gives up after 60 s. So once Redis is reachable again
+# for it, its write lands within seconds, or never: no run can appear later than this.
+LATE_WRITES_S = 10
 
 
 # --------------------------------------------------------------------------- the client side
@@ -84,6 +89,9 @@ class Fleet:
 
         self.celery = Celery("taskfleet-faults", set_as_current=False)
         self.celery.conf.update(celery_settings(self.settings))
+        # Seconds until a dead worker's messages are back in their queue: the heartbeats'
+        # dead-after time plus a heartbeat and a sweep interval.
+        self.reclaim_s = self.settings.dead_after + 2 * self.settings.heartbeat_interval
 
     def redis(self, timeout: float = 5.0):
         import redis
@@ -137,21 +145,21 @@ class Fleet:
             return False
 
     def finish(self, batch: str, expected: set[int] | list[int], timeout: float, *,
-               cut_off_at: float | None = None, submitted: int | None = None,
+               reachable_at: float | None = None, submitted: int | None = None,
                unconsumed: tuple[str, ...] = ()) -> Tally:
         """The batch's final tally, read as soon as no further run of its numbers can appear.
 
         A number runs again only if (a) its message still waits in a queue or is held in the
-        `unacked` hash (a redelivery after the visibility timeout), or (b) a task cut off from
-        Redis at `cut_off_at` (wall clock; a partition or Redis outage) still finishes and
-        writes after its message was handed out again -- the pool kills it at the hard time
-        limit. A crashed or stopped worker runs nothing more, so it needs no (b) window. So:
-        every number ran, the broker is idle and the window is over; the ledger is read after
-        the broker was seen idle (a task is acknowledged only after its write). At `timeout`
-        the tally says what is missing.
+        `unacked` hash (by a worker, or of a dead one until the sweep hands it back), or (b) a
+        task cut off from Redis (a partition or Redis outage) still writes its run once Redis
+        is reachable again at `reachable_at` (wall clock): within LATE_WRITES_S of it. A
+        crashed or stopped worker runs nothing more, so it needs no (b) window. So: every
+        number ran, the broker is idle and the window is over; the ledger is read after the
+        broker was seen idle (a task is acknowledged only after its write). At `timeout` the
+        tally says what is missing.
         """
         deadline = time.monotonic() + timeout
-        quiet_at = (cut_off_at or 0) + self.settings.task_time_limit
+        quiet_at = (reachable_at + LATE_WRITES_S) if reachable_at is not None else 0
         while True:
             idle = self.broker_idle(unconsumed)
             tally = self.wait_batch(batch, expected, timeout=0, submitted=submitted)
@@ -165,19 +173,21 @@ class Fleet:
     def workers(self) -> list[str]:
         return [w for w in self.cluster.workers() if w in WORKERS]
 
-    def active_numbers(self, worker: str, batch: str) -> list[int]:
-        """Numbers of `batch` the worker is running right now (Celery remote control)."""
-        node = f"worker@{worker}"
+    def active_numbers(self, worker: str, batch: str, node: str | None = None) -> list[int]:
+        """Numbers of `batch` the worker (or node, e.g. stock@worker1) is running right now
+        (Celery remote control)."""
+        node = node or f"worker@{worker}"
         reply = self.celery.control.inspect(destination=[node], timeout=1.0).active() or {}
         return sorted(t["args"][1] for t in reply.get(node, [])
                       if t.get("name") == MARK and t["args"][0] == batch)
 
-    def wait_held(self, worker: str, batch: str, timeout: float = 20) -> list[int]:
-        """Wait until `worker` runs tasks of `batch`; their numbers."""
+    def wait_held(self, worker: str, batch: str, timeout: float = 20,
+                  node: str | None = None) -> list[int]:
+        """Wait until `worker` (or `node`) runs tasks of `batch`; their numbers."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):
-                held = self.active_numbers(worker, batch)
+                held = self.active_numbers(worker, batch, node)
                 if held:
                     return held
             time.sleep(0.2)
@@ -261,6 +271,8 @@ class Report:
     # Time spent in the suites (each module from its fleet being ready to its end): adding
     # worker3 when a suite runs without the deployment tests is not part of it.
     seconds: float = 0.0
+    # The lab whose settings head the page: the shared one once a suite used it.
+    cluster: DeployedLab | None = None
 
     @contextlib.contextmanager
     def timed(self) -> Iterator[None]:
@@ -294,6 +306,7 @@ class Report:
         reliability.save(self.scenarios, self.security, {
             "task_time_limit": s.task_time_limit, "task_soft_time_limit": s.task_soft_time_limit,
             "visibility_timeout": s.visibility_timeout,
+            "heartbeat_interval": s.heartbeat_interval, "dead_after": s.dead_after,
             "unacked_restore_interval":
                 fleet.celery.conf.broker_transport_options["unacked_restore_interval"],
             "worker_prefetch_multiplier": s.worker_prefetch_multiplier,

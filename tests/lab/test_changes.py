@@ -94,7 +94,7 @@ def test_rolling_update_under_load(fleet: Fleet, report: Report, app_code: AppCo
     record_timing("deploy: rolling update", run.seconds)
     assert run.rc == 0, run.out[-4000:]
     after = {w: fleet.service(w) for w in fleet.workers()}
-    tally = fleet.finish(batch, numbers, timeout=fleet.settings.visibility_timeout + 45)
+    tally = fleet.finish(batch, numbers, timeout=fleet.reclaim_s + 45)
     # Restart windows: [ActiveExit, ActiveEnter] of each worker's service (monotonic clock of
     # the shared kernel); serial restarts never overlap.
     windows = sorted((int(after[w]["ActiveExitTimestampMonotonic"]),
@@ -157,7 +157,7 @@ def test_scale_in_drains_a_worker(fleet: Fleet, report: Report, app_code: AppCod
              f"sys.exit(0 if s.connect_ex(('{redis_ip}', 6379)) == 0 else 1)\n")
     admitted = cluster.on("worker3", "python3", "-c", probe).returncode == 0
     # host.worker3 keeps its 5 pinned messages on purpose: nobody consumes it any more.
-    tally = fleet.finish(batch, numbers, timeout=fleet.settings.visibility_timeout + 45,
+    tally = fleet.finish(batch, numbers, timeout=fleet.reclaim_s + 45,
                          unconsumed=("host.worker3",))
     row = report.scenario(
         "scale-in", "Scale in: remove-worker.yml drains worker3 mid-batch", tally,

@@ -7,55 +7,132 @@ of docs/RELIABILITY.md under its key.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
 import re
 import subprocess
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from .faultkit import LEDGER_PREFIX, MARK, SERVICE, Fleet, Report, batch_name, redis_up, wait_until
 
 pytestmark = pytest.mark.lab
+STOCK_UNIT = "taskfleet-stock"
+STOCK_WATCH_S = 15  # the stock side is watched for twice this after the crash
+
+
+@contextlib.contextmanager
+def stock_workers(fleet: Fleet, hosts: list[str]) -> Iterator[list[str]]:
+    """Workers of kombu as shipped (TASKFLEET_HEARTBEAT_INTERVAL=0: no heartbeats, the
+    production visibility timeout alone) beside the kit's, on queue `stock`, as transient
+    units with the deployed code and env file; their node names. The env file's variables
+    win over systemd's Environment=, so the override goes through env(1)."""
+    nodes = [f"stock@{h}" for h in hosts]
+    for host in hosts:
+        fleet.cluster.on(host, "systemctl", "reset-failed", STOCK_UNIT)
+        fleet.cluster.on(
+            host, "systemd-run", f"--unit={STOCK_UNIT}", "--uid=taskfleet", "--gid=taskfleet",
+            "--property=EnvironmentFile=/etc/taskfleet/taskfleet.env",
+            "--property=WorkingDirectory=/var/lib/taskfleet", "--property=KillMode=mixed",
+            "/usr/bin/env", "TASKFLEET_HEARTBEAT_INTERVAL=0", "/opt/taskfleet/venv/bin/celery",
+            "--app", "app", "worker", f"--hostname=stock@{host}", "--queues=stock",
+            "--without-gossip", "--without-mingle", "--concurrency=2", check=True)
+    try:
+        assert wait_until(lambda: set(nodes) <= set(fleet.answering()), 60), \
+            f"stock workers not answering: {fleet.answering()}"
+        yield nodes
+    finally:
+        for host in hosts:
+            fleet.cluster.on(host, "systemctl", "stop", STOCK_UNIT)
+
+
+def hand_back(fleet: Fleet, batch: str, numbers: list[int]) -> int:
+    """Return the unacked messages of `batch` with these numbers to their queue, as kombu
+    would after the visibility timeout; how many."""
+    from kombu import Connection
+    from kombu.utils.json import loads
+
+    tags = []
+    for tag, record in fleet.redis().hgetall("unacked").items():
+        body = loads(record)[0]["body"]
+        args = json.loads(base64.b64decode(body))[0]
+        if args[0] == batch and args[1] in numbers:
+            tags.append(tag)
+    options = fleet.celery.conf.broker_transport_options
+    with Connection(fleet.url, transport="app.transport:Transport",
+                    transport_options=options) as conn:
+        for tag in tags:
+            conn.default_channel.qos.restore_by_tag(tag)
+    return len(tags)
 
 
 def test_worker_host_crash_loses_nothing(fleet: Fleet, report: Report):
-    """worker1's host dies (SIGKILL of its init) while it runs tasks: those run elsewhere after
-    the visibility timeout, nothing is lost; the host comes back with its service."""
-    lab, vt = fleet.cluster.lab, fleet.settings.visibility_timeout
-    batch = batch_name("crash")
-    numbers = fleet.submit(batch, range(30), seconds=2)
-    held = fleet.wait_held("worker1", batch)
-    assert held, "worker1 never ran a task of the batch"
-    crashed_at = time.time()
-    lab.crash("worker1")
-    boot = threading.Thread(target=lab.start, args=("worker1",))
-    boot.start()  # the host boots while the others work; its service must start by itself
-    tally = fleet.finish(batch, numbers, timeout=vt + 45)
-    boot.join(120)
+    """worker1's host dies (SIGKILL of its init) while it runs tasks: its heartbeats stop, and
+    its tasks run elsewhere within the dead-after time; the host comes back with its service.
+    Side by side, in the same crash: workers of kombu as shipped (no heartbeats) on worker1 and
+    worker2, whose tasks on worker1 wait for the visibility timeout (an hour)."""
+    lab = fleet.cluster.lab
+    batch, stock = batch_name("crash"), batch_name("crash-stock")
+    with stock_workers(fleet, ["worker1", "worker2"]):
+        numbers = fleet.submit(batch, range(30), seconds=2)
+        stock_numbers = fleet.submit(stock, range(12), seconds=2, queue="stock")
+        held = fleet.wait_held("worker1", batch)
+        stock_held = fleet.wait_held("worker1", stock, node="stock@worker1")
+        assert held, "worker1 never ran a task of the batch"
+        assert stock_held, "stock@worker1 never ran a task of its batch"
+        crashed_at = time.time()
+        lab.crash("worker1")
+        boot = threading.Thread(target=lab.start, args=("worker1",))
+        boot.start()  # the host boots while the others work; its service must start by itself
+        tally = fleet.finish(batch, numbers, timeout=fleet.reclaim_s + 45)
+        # The stock side gets the same time and as long again: nothing hands its messages back.
+        time.sleep(max(0.0, crashed_at + 2 * STOCK_WATCH_S - time.time()))
+        stock_tally = fleet.wait_batch(stock, stock_numbers, timeout=0)
+        stock_recovered = [n for n in stock_held if n in stock_tally.runs]
+        returned = hand_back(fleet, stock, stock_held)
+        stock_final = fleet.finish(stock, stock_numbers, timeout=60, unconsumed=("stock",))
+        boot.join(120)
     recovered = [t - crashed_at for n in held if (t := tally.first_run(n)) is not None]
     recovery = round(max(recovered), 1) if len(recovered) == len(held) else None
     back = wait_until(lambda: "worker@worker1" in fleet.ping(), 60)
-    tally = fleet.finish(batch, numbers, timeout=vt + 15)  # worker1's restart ran nothing twice
-    bound = vt + fleet.celery.conf.broker_transport_options["unacked_restore_interval"] + 2 + 10
+    # worker1's restart ran nothing twice:
+    tally = fleet.finish(batch, numbers, timeout=fleet.reclaim_s + 15)
+    bound = round(fleet.reclaim_s + 4, 1)
     row = report.scenario(
         "crash", "Worker host hard crash (SIGKILL of its init) mid-batch", tally,
         recovery_s=recovery, recovery_what=f"{len(held)} tasks held by worker1 ran elsewhere",
-        bound_s=bound, held_by="task_acks_late + task_reject_on_worker_lost; "
-        "visibility_timeout (taskfleet_visibility_timeout) returns a dead worker's messages",
+        bound_s=bound, held_by="task_acks_late + task_reject_on_worker_lost; heartbeats: "
+        "worker1's messages go back once it is silent for taskfleet_dead_after",
         worker_back=back is not None)
+    report.scenario(
+        "crash-stock", "The same crash, kombu as shipped (no heartbeats, visibility timeout "
+        f"{fleet.settings.visibility_timeout} s)", stock_final,
+        recovery_s=None, recovery_what=f"{len(stock_held) - len(stock_recovered)} of "
+        f"{len(stock_held)} tasks held by stock@worker1 not started again within "
+        f"{2 * STOCK_WATCH_S} s; the suite handed them back by hand",
+        held_by=f"visibility_timeout: back after {fleet.settings.visibility_timeout} s + a sweep",
+        stranded=len(stock_held) - len(stock_recovered), handed_back=returned,
+        passed=not stock_final.lost)
     assert not tally.lost, f"lost: {tally.lost}"
     assert recovery is not None and recovery <= bound, (recovery, bound)
     assert back is not None, "worker1's service did not come back after the host booted"
     assert fleet.cluster.on("worker1", "systemctl", "is-active", SERVICE).stdout.strip() \
         == "active"
+    assert not stock_recovered, "kombu as shipped brought the tasks back: the comparison is void"
     row["passed"] = True
 
 
 def test_hung_worker_is_restarted_by_the_watchdog(fleet: Fleet, report: Report):
     """worker3's main process stops mid-batch (SIGSTOP: alive, never looping again, as after
-    a hang): systemd's watchdog aborts and restarts it, its tasks run again, nothing is lost."""
-    cluster, vt = fleet.cluster, fleet.settings.visibility_timeout
+    a hang): its heartbeats stop, so its tasks run elsewhere within the dead-after time, and
+    systemd's watchdog aborts and restarts it; nothing is lost."""
+    cluster = fleet.cluster
     show = cluster.on("worker3", "systemctl", "show", SERVICE, "-p", "WatchdogUSec", "--value",
                       check=True).stdout.strip()
     assert show not in ("", "0", "infinity"), f"the worker unit has no watchdog ({show!r})"
@@ -78,7 +155,10 @@ def test_hung_worker_is_restarted_by_the_watchdog(fleet: Fleet, report: Report):
     cluster.on("worker3", "kill", "-CONT", str(pid))
     restarted = wait_until(lambda: cluster.main_pid("worker3") not in (0, pid), 60, step=0.5)
     resumed = fleet.consumes("worker3", timeout=60) if restarted is not None else None
-    tally = fleet.finish(batch, numbers, timeout=vt + 45, cut_off_at=hung_wall)
+    tally = fleet.finish(batch, numbers, timeout=fleet.reclaim_s + 45, reachable_at=hung_wall)
+    elsewhere = [t - hung_wall for n in held
+                 if (t := min((t for h, t in tally.runs.get(n, []) if h != "worker3"),
+                              default=None)) is not None]
     text = journal()
     row = report.scenario(
         "hang", "Worker main process hangs (SIGSTOP) mid-batch", tally,
@@ -87,13 +167,15 @@ def test_hung_worker_is_restarted_by_the_watchdog(fleet: Fleet, report: Report):
         recovery_what="watchdog restart + worker3 consuming again", watchdog=show,
         watchdog_fired_s=None if fired is None else round(fired, 1),
         stack_in_journal="Fatal Python error: Aborted" in text,
-        held_by="systemd WatchdogSec (pings from the worker's event loop); "
-                "visibility_timeout reruns the tasks it held")
+        held_elsewhere_s=round(max(elsewhere), 1) if len(elsewhere) == len(held) else None,
+        held_by="heartbeats from the event loop stop: its tasks go back after "
+                "taskfleet_dead_after; systemd WatchdogSec (pings from the same loop) restarts it")
     assert fired is not None, f"no watchdog timeout within 90 s of the hang:\n{text[-2000:]}"
     assert restarted is not None, "systemd did not restart the hung worker"
     assert "Fatal Python error: Aborted" in text, text[-2000:]
     assert resumed is not None, "worker3 did not consume again after its restart"
     assert not tally.lost, f"lost: {tally.lost}"
+    assert len(elsewhere) == len(held) and max(elsewhere) <= fleet.reclaim_s + 4, elsewhere
     row["passed"] = True
 
 
@@ -105,6 +187,7 @@ def test_redis_sigkill_mid_batch(fleet: Fleet, report: Report):
     pids = {w: cluster.main_pid(w) for w in fleet.workers()}
     batch, cli_batch = batch_name("redis-kill"), batch_name("redis-kill-cli")
     accepted: list[int] = []
+    results: list[Any] = []
     failed: list[int] = []
     stop = threading.Event()
 
@@ -113,19 +196,20 @@ def test_redis_sigkill_mid_batch(fleet: Fleet, report: Report):
             if stop.is_set():
                 break
             try:
-                fleet.send(MARK, [batch, n, 1])
+                results.append(fleet.send(MARK, [batch, n, 1]))
                 accepted.append(n)
             except Exception:
                 failed.append(n)
             time.sleep(0.1)
 
-    # The CLI on client1 publishes a large batch on one connection while Redis dies.
-    # --batch 1 (each task confirmed before the next) keeps it publishing for seconds; a
-    # pipelined burst would be over before the kill.
+    # The CLI on client1 publishes a large batch on one connection while Redis dies, and
+    # waits for every result. --batch 1 (each task confirmed before the next) keeps it
+    # publishing for seconds; a pipelined burst would be over before the kill.
     cli_count = 2000
     cli = subprocess.Popen(
         cluster.lab.ssh_argv("client1", "taskfleet", "submit", "mark", cli_batch, "0", "0",
-                             "--count", str(cli_count), "--batch", "1"),
+                             "--count", str(cli_count), "--batch", "1", "--wait",
+                             "--timeout", "120"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     thread = threading.Thread(target=submitter)
     thread.start()
@@ -140,7 +224,7 @@ def test_redis_sigkill_mid_batch(fleet: Fleet, report: Report):
     back = wait_until(lambda: redis_up(fleet), 60, step=0.2)
     thread.join(60)
     stop.set()
-    cli_out, cli_err = cli.communicate(timeout=120)
+    cli_out, cli_err = cli.communicate(timeout=300)
     assert cli_running is not None, f"the CLI's tasks did not start running: {cli_err!r}"
     assert cli_ran_at_kill < cli_count, "the CLI was done before the kill: nothing tested"
     assert back is not None, "redis-server did not come back after SIGKILL (Restart=always?)"
@@ -150,13 +234,15 @@ def test_redis_sigkill_mid_batch(fleet: Fleet, report: Report):
               for w in fleet.workers()}
     resumed = {w: round(time.monotonic() - back_at, 1) if s is not None else None
                for w, s in resume.items()}
-    tally = fleet.finish(batch, accepted, timeout=fleet.settings.visibility_timeout + 45,
-                         cut_off_at=killed_wall, submitted=len(accepted))
+    tally = fleet.finish(batch, accepted, timeout=fleet.reclaim_s + 60,
+                         reachable_at=killed_wall + back, submitted=len(accepted))
     m = re.search(r"submitted (\d+)/(\d+)", cli_out)
     cli_accepted = int(m.group(1)) if m else -1
     cli_runs = wait_until(lambda: fleet.redis().llen(LEDGER_PREFIX + cli_batch) >= cli_accepted,
                           60)
     cli_ran = fleet.redis().llen(LEDGER_PREFIX + cli_batch)
+    waited = re.search(r"done (\d+), failed (\d+), no result (\d+)", cli_out)
+    states = Counter(r.state for r in results)
     after = {w: cluster.main_pid(w) for w in fleet.workers()}
     row = report.scenario(
         "redis-kill", "Redis SIGKILL mid-batch (systemd restarts it)", tally,
@@ -167,9 +253,11 @@ def test_redis_sigkill_mid_batch(fleet: Fleet, report: Report):
         failed_submissions=len(failed), workers_restarted=[w for w in pids if pids[w] != after[w]],
         cli={"count": cli_count, "accepted": cli_accepted, "ran": cli_ran, "exit": cli.returncode,
              "ran_at_kill": cli_ran_at_kill, "kill_after_s": round(killed_at - started, 1),
-             "stderr": cli_err.strip()[-300:]},
+             "results": waited.group(0) if waited else None, "stderr": cli_err.strip()[-300:]},
+        result_states=dict(states),
         held_by="Restart=always; appendonly yes (AOF); broker_connection_retry; kombu BRPOP "
-                "health check + socket_timeout; visibility_timeout returns interrupted tasks; "
+                "health check + socket_timeout; heartbeats: tasks cancelled on the connection "
+                "loss go back once their stamps are older than taskfleet_dead_after; "
                 "app/transport.py records a task taken as Redis died once it is back")
     print(cli_out, cli_err)
     assert not tally.lost, f"accepted but never ran: {tally.lost}"
@@ -180,14 +268,18 @@ def test_redis_sigkill_mid_batch(fleet: Fleet, report: Report):
     assert "Traceback" not in cli_err and fleet.password not in cli_out + cli_err
     if cli_accepted < cli_count:
         assert cli.returncode != 0 and "submissions failed" in cli_err, cli_err
+    # Every accepted task's result came back, none a failure (the CLI waited for them).
+    assert waited and waited.groups() == (str(cli_accepted), "0", "0"), cli_out
+    assert states == Counter({"SUCCESS": len(results)}), states
     row["passed"] = True
 
 
 def test_worker_partitioned_from_redis_for_60s(fleet: Fleet, report: Report):
-    lab, vt = fleet.cluster.lab, fleet.settings.visibility_timeout
+    lab = fleet.cluster.lab
     pid = fleet.cluster.main_pid("worker1")
     batch = batch_name("partition")
-    numbers = fleet.submit(batch, range(24), seconds=2)
+    numbers = list(range(24))
+    results = [fleet.send(MARK, [batch, n, 2]) for n in numbers]
     held = fleet.wait_held("worker1", batch)
     assert held, "worker1 never ran a task of the batch"
     cut_at = time.time()
@@ -196,21 +288,26 @@ def test_worker_partitioned_from_redis_for_60s(fleet: Fleet, report: Report):
         time.sleep(60)
     finally:
         lab.heal("worker1")
-    healed = time.monotonic()
+    healed, healed_wall = time.monotonic(), time.time()
     resumed = fleet.consumes("worker1", timeout=90)
-    tally = fleet.finish(batch, numbers, timeout=vt + 30, cut_off_at=cut_at)
+    tally = fleet.finish(batch, numbers, timeout=fleet.reclaim_s + 60, reachable_at=healed_wall)
     elsewhere = [t - cut_at for n in held if (t := tally.first_run(n)) is not None]
+    states = Counter(r.state for r in results)
     row = report.scenario(
         "partition", "Worker partitioned from Redis for 60 s, then healed", tally,
         recovery_s=round(time.monotonic() - healed if resumed is None else resumed, 1),
         recovery_what="worker1 consuming again after the heal",
         held_elsewhere_s=round(max(elsewhere), 1) if elsewhere else None,
-        restarted=fleet.cluster.main_pid("worker1") != pid,
+        restarted=fleet.cluster.main_pid("worker1") != pid, result_states=dict(states),
         held_by="socket_timeout + kombu BRPOP health check drop the dead connection; "
                 "broker_connection_retry reconnects (or the systemd watchdog restarts a worker "
-                "that stays unconnected or stuck); visibility_timeout reruns held tasks")
+                "that stays unconnected or stuck); heartbeats: what it held runs elsewhere "
+                "after taskfleet_dead_after")
     assert not tally.lost, f"lost: {tally.lost}"
+    assert elsewhere and max(elsewhere) <= fleet.reclaim_s + 4, elsewhere
     assert resumed is not None, "worker1 did not consume again within 90 s of the heal"
+    # A task that ran is never reported failed because its worker lost Redis for a while.
+    assert states == Counter({"SUCCESS": len(results)}), states
     row["passed"] = True
 
 
@@ -225,7 +322,7 @@ def test_redis_host_reboot_keeps_queued_tasks(fleet: Fleet, report: Report):
     try:
         pinned = fleet.submit(batch, range(10), queue="host.worker2")
         shared = fleet.submit(batch, range(10, 20), seconds=1)
-        down_at, down_wall = time.monotonic(), time.time()
+        down_at = time.monotonic()
         lab.stop("redis1")
         lab.start("redis1")
         back = wait_until(lambda: redis_up(fleet), 60)
@@ -237,8 +334,8 @@ def test_redis_host_reboot_keeps_queued_tasks(fleet: Fleet, report: Report):
         resumed = {w: fleet.consumes(w, timeout=60) for w in others}
     finally:
         cluster.on("worker2", "systemctl", "start", SERVICE, check=True)
-    tally = fleet.finish(batch, pinned + shared, timeout=fleet.settings.visibility_timeout + 45,
-                         cut_off_at=down_wall)
+    tally = fleet.finish(batch, pinned + shared, timeout=fleet.reclaim_s + 60,
+                         reachable_at=time.time())
     row = report.scenario(
         "redis-reboot", "Redis host reboot with tasks queued for a stopped worker", tally,
         recovery_s=round(back_s + max(v or 99 for v in resumed.values()), 1),
