@@ -21,7 +21,7 @@ from .labkit import (
     TIMINGS,
     TIMINGS_FILE,
     DeployedLab,
-    lab_missing,
+    new_lab,
     record_timing,
 )
 
@@ -41,12 +41,7 @@ celery_worker_stop_timeout: 15
 
 @pytest.fixture(scope="session")
 def lab():
-    reason = lab_missing()
-    if reason:
-        pytest.skip(reason)
-    from deploy.lab import Lab
-
-    lab = Lab(LAB_NAME, subnet=LAB_SUBNET)
+    lab = new_lab(LAB_NAME, LAB_SUBNET)
     start = time.monotonic()
     lab.up(redis=1, workers=2, clients=1, spare=1, distros=("bookworm", "trixie"))
     record_timing("lab up (5 hosts, bookworm + trixie)", time.monotonic() - start)

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 LAB_NAME = os.environ.get("TASKFLEET_TEST_LAB", "ci")
@@ -39,6 +41,17 @@ def lab_missing() -> str | None:
     if shutil.which("systemd-nspawn") is None or shutil.which("debootstrap") is None:
         return "lab tests need systemd-nspawn and debootstrap (make test installs them)"
     return None
+
+
+def new_lab(name: str, subnet: str):
+    """A deploy.lab Lab of this name on this subnet (not booted yet); the test is skipped
+    where the lab cannot run."""
+    reason = lab_missing()
+    if reason:
+        pytest.skip(reason)
+    from deploy.lab import Lab
+
+    return Lab(name, subnet=subnet)
 
 
 @dataclass

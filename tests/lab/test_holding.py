@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from .faultkit import MARK, Fleet, Report, batch_name, wait_until
-from .labkit import DeployedLab, lab_missing, record_timing
+from .labkit import DeployedLab, new_lab, record_timing
 
 pytestmark = pytest.mark.lab
 HOLD_LAB = os.environ.get("TASKFLEET_TEST_HOLD_LAB", "cihold")
@@ -26,12 +26,7 @@ VISIBILITY = 10
 
 @pytest.fixture(scope="module")
 def hold_fleet(report: Report) -> Iterator[Fleet]:
-    reason = lab_missing()
-    if reason:
-        pytest.skip(reason)
-    from deploy.lab import Lab
-
-    lab = Lab(HOLD_LAB, subnet=HOLD_SUBNET)
+    lab = new_lab(HOLD_LAB, HOLD_SUBNET)
     try:
         start = time.monotonic()
         lab.up(redis=1, workers=2, distros=("bookworm", "trixie"))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .labkit import REPO, TIMINGS, lab_missing, record_timing
+from .labkit import REPO, TIMINGS, new_lab, record_timing
 
 pytestmark = pytest.mark.lab
 
@@ -97,12 +97,9 @@ def kill_everything(lab) -> None:
 
 @pytest.fixture(scope="module")
 def tl():
-    reason = lab_missing()
-    if reason:
-        pytest.skip(reason)
-    from deploy.lab import Lab, image
+    from deploy.lab import image
 
-    lab = Lab(NAME, subnet=SUBNET)
+    lab = new_lab(NAME, SUBNET)
     lab.down()  # a previous aborted run of this module
     cold = {d: image.image_dir(d) for d in SHAPE["distros"]}
     was_cached = {d: p.is_dir() for d, p in cold.items()}
