@@ -67,7 +67,7 @@ BAD_INVENTORIES = {
                        "celery_worker_queues"),
     "dead-after within 3 heartbeats": (
         None, {"worker2": "taskfleet_heartbeat_interval: 2\ntaskfleet_dead_after: 4\n"},
-        "must be at least 3 x taskfleet_heartbeat_interval"),
+        "taskfleet_dead_after (4) must be at least 3 x"),
 }
 
 
