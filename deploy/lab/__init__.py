@@ -4,6 +4,7 @@ Python API (the CLI in cli.py is a thin layer over it):
 
     lab = Lab("labtest", subnet="10.78.0.0/24")
     lab.up(redis=1, workers=2, clients=0, spare=1, distros=("bookworm", "trixie"))
+    lab.up(login_user="admin", names=True)  # the cloud way: sudo user, hosts by name
     lab.ssh("worker1", "hostname").stdout
     lab.crash("worker1"); lab.start("worker1"); lab.partition("redis1"); lab.heal("redis1")
     lab.down()
@@ -32,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import boot, image, inventory, network
+from . import access, boot, image, inventory, network
 from . import host as hostmod
 from .boot import BOOT_TIMEOUT
 from .checks import parse_subnet, preflight
@@ -176,7 +177,10 @@ class Lab:
                 "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR"]
         if tty:
             argv.append("-t")
-        argv.append(f"root@{self.ip(name)}")
+        user = self._require().get("login_user")
+        argv.append(f"{user or 'root'}@{self.ip(name)}")
+        if user:  # root cannot log in: the command runs through the login user's sudo
+            cmd = (shlex.join(access.remote_command(cmd)),)
         if len(cmd) == 1:
             argv.append(cmd[0])
         elif cmd:
@@ -238,7 +242,13 @@ class Lab:
         self.key.chmod(0o600)
 
     def _write_inventory(self, state: dict) -> None:
-        inventory.write(self.name, state["hosts"], self.key, self.known_hosts)
+        """hosts.ini; with --names also every host's and the controller's /etc/hosts lines."""
+        if state.get("names"):
+            access.write_host_files(self.name, [self._hostdir(n).merged for n in state["hosts"]
+                                                if self.init_pid(n)], state["hosts"])
+            access.write_controller(self.name, state["hosts"])
+        inventory.write(self.name, state["hosts"], self.key, self.known_hosts,
+                        login_user=state.get("login_user"), names=bool(state.get("names")))
 
     def wait_ready(self, name: str, timeout: float = BOOT_TIMEOUT,
                    proc: subprocess.Popen | None = None) -> None:
@@ -246,8 +256,10 @@ class Lab:
         boot.wait_ready(self, name, timeout, proc)
 
     def up(self, redis: int = 1, workers: int = 2, clients: int = 0, spare: int = 0,
-           distros: Iterable[str] = ("bookworm",)) -> list[dict]:
-        """Boot (or complete) the lab; idempotent: running hosts are left alone."""
+           distros: Iterable[str] = ("bookworm",), login_user: str | None = None,
+           names: bool = False) -> list[dict]:
+        """Boot (or complete) the lab; idempotent: running hosts are left alone. login_user:
+        log in as that sudo user, root login off; names: the inventory names the hosts."""
         preflight()
         distros = list(distros) or [image.DEFAULT_DISTRO]
         for d in distros:
@@ -260,8 +272,9 @@ class Lab:
             self._clean_leftovers()
             state = self._load()
             if state is None:
-                state = self._new_state()
-            elif self._subnet_arg and parse_subnet(self._subnet_arg) \
+                state = self._new_state() | access.options(login_user, names)
+            access.check_options(self.name, state, login_user, names)
+            if self._subnet_arg and parse_subnet(self._subnet_arg) \
                     != parse_subnet(state["subnet"]):
                 raise LabError(f"lab {self.name!r} already uses subnet {state['subnet']}",
                                "down it first to change the subnet")
@@ -274,6 +287,8 @@ class Lab:
                     if name not in state["hosts"]:
                         distro = distros[len(state["hosts"]) % len(distros)]
                         self._plan(state, name, group, distro)
+            if state.get("names"):
+                access.check_controller_names(self.name, list(state["hosts"]))
             self._prepare_net(state)
             self._ensure_key()
             self._save(state)
@@ -300,6 +315,8 @@ class Lab:
                 raise LabError(f"host {name!r} already exists in lab {self.name!r}",
                                "pick another name")
             self._plan(state, name, group, distro or image.DEFAULT_DISTRO)
+            if state.get("names"):
+                access.check_controller_names(self.name, [name])
             image.ensure_images([state["hosts"][name]["distro"]], self.log)
             self._prepare_net(state)
             self._save(state)
@@ -369,6 +386,7 @@ class Lab:
             run(["ip", "link", "delete", port["ifname"]], check=False)
         network.delete_bridge(self.bridge)
         network.delete_nat(self.name)
+        access.remove_controller(self.name)
         shutil.rmtree(self.inventory_dir, ignore_errors=True)
 
     def down(self) -> None:

@@ -48,7 +48,7 @@ def boot_hosts(lab: Lab, state: dict, names: list[str]) -> None:
         hostmod.mount(hd, img)
         hostmod.provision(hd, hostname=name, ip=h["ip"], prefix=subnet.prefixlen,
                           gateway=str(subnet.network_address + 1), dns=dns,
-                          authorized_key=pubkey)
+                          authorized_key=pubkey, login_user=state.get("login_user"))
 
     def boot(name: str) -> None:
         proc = hostmod.spawn(lab._hostdir(name), machine=lab.machine(name),
@@ -74,9 +74,10 @@ def boot_hosts(lab: Lab, state: dict, names: list[str]) -> None:
 
 
 def write_known_hosts(lab: Lab, state: dict) -> None:
-    """Pin every host's SSH keys (read from its disk) for the lab's ssh commands."""
-    lines = [f"{h['ip']} {key}" for n, h in state["hosts"].items()
-             for key in hostmod.host_keys(lab._hostdir(n))]
+    """Pin every host's SSH keys (read from its disk) for the lab's ssh commands, under its
+    address, and under its name too when the inventory names the hosts (--names)."""
+    lines = [f"{n + ',' if state.get('names') else ''}{h['ip']} {key}"
+             for n, h in state["hosts"].items() for key in hostmod.host_keys(lab._hostdir(n))]
     tmp = lab.known_hosts.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, lab.known_hosts)

@@ -38,6 +38,12 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--spare", type=int, default=0, help="booted, not in the inventory")
     up.add_argument("--distros", type=_distros, default=["bookworm"],
                     help="comma list, round-robin over hosts (bookworm,trixie)")
+    up.add_argument("--login-user", metavar="USER",
+                    help="log in as USER (passwordless sudo) instead of root, whose SSH login "
+                         "is turned off, as on a cloud image; inventory: ansible_become=true")
+    up.add_argument("--names", action="store_true",
+                    help="the inventory names the hosts (no ansible_host): /etc/hosts entries "
+                         "on every host and on this controller, removed at down")
 
     add = sub.add_parser("add", help="boot one more host")
     add.add_argument("host")
@@ -79,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = args.command
         if cmd == "up":
             print_table(lab.up(redis=args.redis, workers=args.workers, clients=args.clients,
-                                spare=args.spare, distros=args.distros))
+                                spare=args.spare, distros=args.distros,
+                                login_user=args.login_user, names=args.names))
         elif cmd == "add":
             print_table([lab.add(args.host, args.group, args.distro)])
         elif cmd == "status":

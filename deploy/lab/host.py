@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from . import access
 from .util import LabError, run
 
 # Every host's systemd, journald, logind and networkd take inotify instances, and all of them
@@ -73,8 +74,9 @@ def umount_under(root: Path) -> None:
 # -- first-boot files ---------------------------------------------------------------------
 
 def provision(hd: HostDir, *, hostname: str, ip: str, prefix: int, gateway: str,
-              dns: str | None, authorized_key: str) -> None:
-    """Write what a cloud-init would: hostname, root's key, a static address, host keys.
+              dns: str | None, authorized_key: str, login_user: str | None = None) -> None:
+    """Write what a cloud-init would: hostname, the key (root's, or the login user's with
+    sudo and root login off: access.provision_login), a static address, host keys.
 
     Runs on every boot (idempotent), so a host always matches the lab's state.
     """
@@ -84,11 +86,14 @@ def provision(hd: HostDir, *, hostname: str, ip: str, prefix: int, gateway: str,
     old = hosts.read_text() if hosts.exists() else "127.0.0.1\tlocalhost\n::1\tlocalhost\n"
     lines = [ln for ln in old.splitlines() if not ln.startswith("127.0.1.1")]
     hosts.write_text("\n".join([*lines, f"127.0.1.1\t{hostname}"]) + "\n")
-    ssh_dir = root / "root/.ssh"
-    ssh_dir.mkdir(mode=0o700, exist_ok=True)
-    keys = ssh_dir / "authorized_keys"
-    keys.write_text(authorized_key.strip() + "\n")
-    keys.chmod(0o600)
+    if login_user:
+        access.provision_login(root, login_user, authorized_key)
+    else:
+        ssh_dir = root / "root/.ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        keys = ssh_dir / "authorized_keys"
+        keys.write_text(authorized_key.strip() + "\n")
+        keys.chmod(0o600)
     # Sorts before the image's 80-container-host0.network, which would give a 169.254 address.
     network = [
         "[Match]", "Name=host0", "", "[Network]", f"Address={ip}/{prefix}",

@@ -18,6 +18,7 @@ from .faultkit import AppCode, Fleet, Report, wait_until
 from .labkit import (
     LAB_NAME,
     LAB_SUBNET,
+    LOGIN_USER,
     TIMINGS,
     TIMINGS_FILE,
     DeployedLab,
@@ -43,7 +44,10 @@ celery_worker_stop_timeout: 15
 def lab():
     lab = new_lab(LAB_NAME, LAB_SUBNET)
     start = time.monotonic()
-    lab.up(redis=1, workers=2, clients=1, spare=1, distros=("bookworm", "trixie"))
+    # The cloud way: the deploy logs in as `admin` and becomes root through sudo; root cannot
+    # log in over SSH (the lab's own commands go through the same sudo).
+    lab.up(redis=1, workers=2, clients=1, spare=1, distros=("bookworm", "trixie"),
+           login_user=LOGIN_USER)
     record_timing("lab up (5 hosts, bookworm + trixie)", time.monotonic() - start)
     group_vars = lab.inventory_path.parent / "group_vars"
     group_vars.mkdir(exist_ok=True)

@@ -23,6 +23,8 @@ BIN = Path(sys.executable).parent
 LAB_NAME = os.environ.get("TASKFLEET_TEST_LAB", "ci")
 LAB_SUBNET = os.environ.get("TASKFLEET_TEST_SUBNET", "10.79.0.0/24")
 TIMINGS_FILE = REPO / ".cache" / "lab-timings.json"
+# The shared lab's hosts are reached as a cloud image's are: this sudo user, root login off.
+LOGIN_USER = "admin"
 
 # Wall times of this session, printed by conftest's terminal summary: an append-only record,
 # never read by a test.

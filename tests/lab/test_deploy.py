@@ -8,11 +8,12 @@ spare1 (outside the inventory), so every run proves both distributions.
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from .labkit import DeployedLab, ansible_playbook, record_timing
+from .labkit import LOGIN_USER, DeployedLab, ansible_playbook, record_timing
 
 pytestmark = pytest.mark.lab
 
@@ -65,6 +66,11 @@ BAD_INVENTORIES = {
                          "celery_worker_concurrency"),
     "bad queue name": (None, {"worker1": "celery_worker_queues: ['reports daily!']\n"},
                        "celery_worker_queues"),
+    # Ansible would reach this controller instead (Debian maps a box's own name to 127.0.1.1).
+    "name resolving only to loopback": (
+        lambda g: g.update(workers=[ln.split()[0] + " ansible_host=localhost"
+                                    if ln.startswith("worker1 ") else ln for ln in g["workers"]]),
+        {}, "worker1: its name localhost resolves only to loopback"),
     "dead-after within 3 heartbeats": (
         None, {"worker2": "taskfleet_heartbeat_interval: 2\ntaskfleet_dead_after: 4\n"},
         "taskfleet_dead_after (4) must be at least 3 x"),
@@ -82,7 +88,9 @@ def test_bad_inventory_stops_before_any_change(lab, tmp_path):
         inv = _write_inventory(tmp_path / case.replace(" ", "-"), groups, all_vars, host_vars, src)
         run = ansible_playbook(inv, "deploy.yml", timeout=300)
         assert run.rc != 0, f"{case}: deploy accepted a bad inventory\n{run.out[-3000:]}"
-        assert expected in run.out, f"{case}: error does not name {expected!r}\n{run.out[-3000:]}"
+        # Whitespace as one space: the YAML callback wraps long messages.
+        assert expected in " ".join(run.out.split()), \
+            f"{case}: error does not name {expected!r}\n{run.out[-3000:]}"
         changed = {h: r.get("changed", 0) for h, r in run.recap().items()}
         assert not any(changed.values()), f"{case}: changes were made: {changed}"
     for host in ("redis1", "worker1", "worker2", "client1"):
@@ -102,6 +110,21 @@ def test_cold_deploy_verifies_every_worker(cluster: DeployedLab):
     assert run.rc == 0, run.out[-4000:]
     for worker in ("worker1", "worker2"):
         assert worker in run.out
+
+
+def test_deploy_logs_in_as_a_sudo_user_and_root_cannot(cluster: DeployedLab):
+    """The cold deploy ran as the lab's login user through become: root's SSH login is off."""
+    inventory = cluster.lab.inventory_path.read_text()
+    assert f"ansible_user={LOGIN_USER}" in inventory and "ansible_become=true" in inventory
+    for host in ("redis1", "worker1"):
+        argv = cluster.lab.ssh_argv(host, "true")
+        login = argv.index(f"{LOGIN_USER}@{cluster.lab.ip(host)}")
+        as_root = [*argv[:login], f"root@{cluster.lab.ip(host)}", "true"]
+        refused = subprocess.run(as_root, capture_output=True, text=True, timeout=30,
+                                 check=False)
+        assert refused.returncode == 255 and "denied" in refused.stderr, refused.stderr
+        sshd = cluster.on(host, "sshd", "-T", check=True).stdout
+        assert "permitrootlogin no" in sshd.splitlines(), host
 
 
 @pytest.mark.parametrize("node", ["controller", "redis1", "worker1", "client1"])

@@ -5,10 +5,16 @@ settings except a 10 s visibility timeout. Without heartbeats kombu hands a mess
 once it has been held for that long (celery#6236, #5935); with them the timeout no longer bounds
 how long a live worker holds a message, so an ETA task and a task running 3x the timeout each
 run exactly once. Rows "eta" and "long" of docs/RELIABILITY.md.
+
+The inventory names its hosts (lab --names: no ansible_host; /etc/hosts resolves them, and
+each host its own name to 127.0.1.1 too), so this deploy also proves that the Redis firewall
+holds the hosts' addresses, never their names.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -29,7 +35,7 @@ def hold_fleet(report: Report) -> Iterator[Fleet]:
     lab = new_lab(HOLD_LAB, HOLD_SUBNET)
     try:
         start = time.monotonic()
-        lab.up(redis=1, workers=2, distros=("bookworm", "trixie"))
+        lab.up(redis=1, workers=2, distros=("bookworm", "trixie"), names=True)
         group_vars = lab.inventory_path.parent / "group_vars"
         group_vars.mkdir(exist_ok=True)
         (group_vars / "all.yml").write_text(
@@ -77,3 +83,39 @@ def test_eta_and_long_tasks_beyond_the_visibility_timeout(hold_fleet: Fleet, rep
     assert eta_tally.duplicated == {}, eta_tally.duplicated
     assert long_tally.duplicated == {}, long_tally.duplicated
     eta_row["passed"] = long_row["passed"] = True
+
+
+def _elements(nft_json: str) -> set[str]:
+    """The addresses of an nft set (`nft -j list set`), ranges and prefixes expanded."""
+    found: set[str] = set()
+    for item in json.loads(nft_json)["nftables"]:
+        for elem in item.get("set", {}).get("elem", []):
+            if isinstance(elem, str):
+                found.add(elem)
+            elif "range" in elem:
+                low, high = (ipaddress.ip_address(a) for a in elem["range"])
+                found |= {str(low + i) for i in range(int(high) - int(low) + 1)}
+            else:
+                net = ipaddress.ip_network(f"{elem['prefix']['addr']}/{elem['prefix']['len']}")
+                found |= {str(a) for a in net}
+    return found
+
+
+def test_redis_firewall_admits_exactly_the_inventory_addresses(hold_fleet: Fleet):
+    """With hosts named, not addressed, the firewall on redis1 admits exactly the inventory's
+    addresses and the controller's (the lab's gateway, as redis1 sees the SSH connection)."""
+    lab = hold_fleet.cluster.lab
+    assert "ansible_host" not in lab.inventory_path.read_text()
+    # The trap of issue 17 is there: redis1 resolves its own name to loopback too.
+    own = lab.ssh("redis1", "getent", "ahosts", "redis1", check=True).stdout.split()
+    assert "127.0.1.1" in own and lab.ip("redis1") in own, own
+    inventory = {lab.ip(h) for h in lab.hosts() if h not in lab.hosts("spare")}
+    gateway = str(ipaddress.ip_network(HOLD_SUBNET)[1])
+    v4 = lab.ssh("redis1", "nft", "-j", "list", "set", "inet", "taskfleet", "redis_clients_v4",
+                 check=True).stdout
+    v6 = lab.ssh("redis1", "nft", "-j", "list", "set", "inet", "taskfleet", "redis_clients_v6",
+                 check=True).stdout
+    assert _elements(v4) == inventory | {gateway}, (_elements(v4), inventory)
+    assert _elements(v6) == set(), v6
+    bind = lab.ssh("redis1", "grep", "^bind ", "/etc/redis/redis.conf", check=True).stdout
+    assert bind.split() == ["bind", "127.0.0.1", "-::1", lab.ip("redis1")], bind

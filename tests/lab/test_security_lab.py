@@ -30,7 +30,7 @@ from .faultkit import (
     host_time,
     journal_since,
 )
-from .labkit import REPO
+from .labkit import LOGIN_USER, REPO
 
 pytestmark = pytest.mark.lab
 
@@ -203,11 +203,16 @@ def test_malformed_messages_at_scale_are_dropped(fleet: Fleet, report: Report):
 def test_password_in_no_readable_file_log_output_or_git(fleet: Fleet, report: Report,
                                                         tmp_path: Path):
     """After all the faults above (reconnect errors are logged): the Redis password is in no
-    file an unprivileged user can read, in no journal, not in `verify.yml -v`, not in git."""
+    file an unprivileged user can read, in no journal, not in `verify.yml -v`, not in git.
+    The deploy logged in as a sudo user (LOGIN_USER): its home and Ansible's temp directories
+    (its own and root's) hold no copy at all, not even one only they could read."""
     cluster = fleet.cluster
     row = report.check("password", "Redis password: not in world-readable files, journals, "
                        "playbook output (-v) or git history", "")
-    dirs = "/etc /opt /var /home /root /tmp /run /srv /usr/local"
+    assert f"ansible_user={LOGIN_USER}" in cluster.lab.inventory_path.read_text()
+    home = cluster.on("redis1", "getent", "passwd", LOGIN_USER, check=True).stdout.split(":")[5]
+    temp = f"{home} /root/.ansible /var/tmp /dev/shm"
+    dirs = f"/etc /opt /var /home /root /tmp /run /srv /usr/local {temp}"
 
     def search(host: str) -> dict[str, Any]:
         # grep as `nobody`: exactly the files any local user could read. Pattern via stdin.
@@ -216,11 +221,15 @@ def test_password_in_no_readable_file_log_output_or_git(fleet: Fleet, report: Re
             check=False, input=fleet.password + "\n", timeout=120)
         # Exit 2 only means some files were unreadable to nobody (-s hides those messages).
         assert proc.returncode in (0, 1, 2), proc.stderr
+        # As root: no copy left in the login user's home or a temp dir, whoever could read it.
+        private = cluster.lab.ssh(host, "sh", "-c", f"grep -rlsF --devices=skip -f - {temp}",
+                                  check=False, input=fleet.password + "\n", timeout=120)
+        assert private.returncode in (0, 1, 2), private.stderr
         journal = cluster.lab.ssh(
             host, "sh", "-c", "f=$(mktemp); cat > \"$f\"; journalctl --no-pager -o cat "
             "| grep -cF -f \"$f\"; rm -f \"$f\"", check=False,
             input=fleet.password + "\n", timeout=120)
-        return {"readable_files": proc.stdout.split(),
+        return {"readable_files": proc.stdout.split(), "temp_files": private.stdout.split(),
                 "journal_lines": int(journal.stdout.strip() or 0)}
 
     # The hosts are searched at the same time, and verify.yml runs meanwhile: independent
@@ -239,7 +248,8 @@ def test_password_in_no_readable_file_log_output_or_git(fleet: Fleet, report: Re
                           text=True, check=True).stdout.split()
     in_git = subprocess.run(["git", "grep", "-lF", "-f", str(pattern), *revs], cwd=REPO,
                             capture_output=True, text=True, check=False).stdout.split()
-    leaks = {h: v for h, v in found.items() if v["readable_files"] or v["journal_lines"]}
+    leaks = {h: v for h, v in found.items()
+             if v["readable_files"] or v["temp_files"] or v["journal_lines"]}
     row["result"] = (f"{len(found)} hosts searched ({dirs}) as nobody, journals, verify.yml -v,"
                      f" {len(revs)} commits: " + ("no leak" if not leaks and not in_git
                                                   and fleet.password not in verify.out
