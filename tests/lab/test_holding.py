@@ -119,3 +119,12 @@ def test_redis_firewall_admits_exactly_the_inventory_addresses(hold_fleet: Fleet
     assert _elements(v6) == set(), v6
     bind = lab.ssh("redis1", "grep", "^bind ", "/etc/redis/redis.conf", check=True).stdout
     assert bind.split() == ["bind", "127.0.0.1", "-::1", lab.ip("redis1")], bind
+
+
+def test_tier_playbook_runs_alone_on_named_hosts(hold_fleet: Fleet):
+    """The Redis tier alone (no preflight before it) resolves the named hosts' addresses by
+    itself, and finds nothing to change."""
+    run = hold_fleet.cluster.deploy(playbook="playbooks/redis.yml")
+    assert run.rc == 0, run.out[-4000:]
+    changed = {h: r.get("changed", 0) for h, r in run.recap().items()}
+    assert not any(changed.values()), changed
