@@ -15,8 +15,9 @@ Heartbeats (TASKFLEET_HEARTBEAT_INTERVAL > 0, the default):
 - Every interval, one worker at a time (kombu's sweep lock) hands back each owned message whose
   stamp is older than TASKFLEET_DEAD_AFTER, and each message without an owner (written by a
   worker without heartbeats: an older version during an upgrade) older than the visibility
-  timeout, as before. The hand-back is kombu's own restore_by_tag, a WATCH/MULTI transaction:
-  two sweeps can never return one message twice.
+  timeout, as before. The hand-back is kombu's restore_by_tag transaction (WATCH/MULTI) with
+  the stamp checked again inside it: two sweeps can never return one message twice, and a
+  message stamped since the sweep looked stays where it is.
 So a live worker keeps its messages for as long as it needs them, and a dead one's are back in
 their queues within DEAD_AFTER plus one interval. Why re-stamp kombu's own index rather than
 keep owner heartbeat keys beside it: kombu's sweep (older workers', and ours for owner-less
@@ -229,21 +230,16 @@ class Transport(kombu_redis.Transport):
         self.beat_in_thread = bool(options.get("taskfleet_heartbeat_thread"))
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.heartbeating = False  # set once stamps run; records before that have no owner
-        self._scripts: dict[str, str] = {}
+        self._scripts: dict[str, Any] = {}
         self._beat_timer: Any = None
         self._beat_stop = threading.Event()
 
     def script(self, client: Any, source: str, keys: list[str], args: Iterable[Any]) -> Any:
-        """Run a Lua script by its SHA, loading it once per Redis (again after a restart)."""
-        sha = self._scripts.get(source)
-        args = list(args)
-        if sha is not None:
-            try:
-                return client.evalsha(sha, len(keys), *keys, *args)
-            except redis.exceptions.NoScriptError:
-                pass
-        self._scripts[source] = client.script_load(source)
-        return client.evalsha(self._scripts[source], len(keys), *keys, *args)
+        """Run a Lua script with redis-py's Script: EVALSHA, loaded again after a restart."""
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = client.register_script(source)
+        return script(keys=keys, args=list(args), client=client)
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         super().register_with_event_loop(connection, loop)
