@@ -70,26 +70,34 @@ def print_table(rows: Sequence[tuple[str, ...]]) -> None:
 
 
 class Ping:
-    """Every worker answers a ping; fail when fewer than expected do."""
+    """Every worker answers a ping (and runs a canary on its queue); fail when one does not."""
 
     @staticmethod
     def add_parser(subparsers: Any) -> None:
         p = subparsers.add_parser(
             "ping", help="ping every worker",
             description="Broadcast a ping, list the workers that answer, exit 1 if fewer than "
-                        "--expect answered.")
+                        "--expect answered. With --canary, also run a whoami task on each "
+                        "given queue and print which worker ran it.")
         p.add_argument("--expect", metavar="N", type=int, default=1,
                        help="minimum number of workers that must answer (default 1)")
         p.add_argument("--timeout", metavar="S", type=cli.positive(float), default=2.0,
-                       help="seconds to wait for answers (default 2)")
+                       help="seconds to wait for answers and canaries (default 2)")
         p.add_argument("--node", metavar="NAME", action="append", default=[],
                        help="ping only this worker (repeatable, e.g. worker@host1): returns as "
                             "soon as all of them answered, exit 1 naming any that did not")
+        p.add_argument("--canary", metavar="QUEUE", action="append", default=[],
+                       type=cli.queue_name,
+                       help="send a whoami task to this queue and wait for it (repeatable, "
+                            "e.g. host.host1): prints 'QUEUE: answered by NODE on HOST'")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         app = cli.celery_app()
-        cli.check_redis(cli.settings())
+        cli.check_redis(cli.settings(), backend=bool(args.canary))
+        # Canaries first: their round trips overlap the ping's.
+        whoami = app.tasks["app.tasks.whoami"]
+        canaries = {queue: whoami.apply_async(queue=queue) for queue in args.canary}
         wanted = sorted(set(args.node))
         if wanted:  # only these; stop waiting once every one of them answered
             replies = app.control.ping(destination=wanted, limit=len(wanted),
@@ -100,13 +108,44 @@ class Ping:
         for node in nodes:
             print(f"{node}: pong")
         print(f"{len(nodes)} worker(s) answered")
+        problems = []
         if wanted and (silent := sorted(set(wanted) - set(nodes))):
-            cli.die(f"no answer within {args.timeout:g} s from {', '.join(silent)}: on its "
-                    "host, systemctl status taskfleet-worker", cli.EXIT_FAIL)
+            problems.append(f"no answer within {args.timeout:g} s from {', '.join(silent)}: on "
+                            "its host, systemctl status taskfleet-worker")
         if len(nodes) < args.expect:
-            cli.die(f"only {len(nodes)} of the {args.expect} expected workers answered "
-                    f"within {args.timeout:g} s", cli.EXIT_FAIL)
+            problems.append(f"only {len(nodes)} of the {args.expect} expected workers answered "
+                            f"within {args.timeout:g} s")
+        problems += Ping.canaries(canaries, args.timeout)
+        if problems:
+            cli.die("; ".join(problems), cli.EXIT_FAIL)
         return 0
+
+    @staticmethod
+    def canaries(canaries: dict[str, Any], timeout: float) -> list[str]:
+        """Wait for every canary (one deadline for all); print who ran each, return failures."""
+        import time
+
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        from .submit import failure_text, release
+
+        deadline, problems, unanswered = time.monotonic() + timeout, [], []
+        for queue, result in canaries.items():
+            try:
+                value = result.get(timeout=max(0.1, deadline - time.monotonic()),
+                                   propagate=False)
+            except CeleryTimeout:
+                unanswered.append(result)
+                problems.append(f"the canary on queue {queue} did not come back within "
+                                f"{timeout:g} s: is its worker consuming it?")
+                continue
+            if result.failed():
+                problems.append(f"the canary on queue {queue} failed: "
+                                + failure_text(result.id, {"result": value}))
+            else:
+                print(f"{queue}: answered by {value['worker']} on {value['host']}")
+        release(unanswered)
+        return problems
 
 
 class ShowConfig:

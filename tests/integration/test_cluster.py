@@ -132,3 +132,21 @@ def test_ping_named_workers_returns_once_all_answered(cluster):
     assert missing.returncode == 1
     assert missing.stderr == ("taskfleet: error: no answer within 1 s from gone@nowhere: on "
                               "its host, systemctl status taskfleet-worker\n")
+
+
+def test_ping_with_canaries_names_who_ran_each(cluster):
+    """verify.yml's one controller command: pings and canaries in one process."""
+    queue = cluster.env.get("TASKFLEET_DEFAULT_QUEUE", "celery")
+    ok = run_cli(cluster.env, "ping", *(f"--node={n}" for n in cluster.nodes),
+                 "--canary", queue, "--timeout", "20")
+    assert ok.returncode == 0, ok.stderr
+    answered = [line for line in ok.stdout.splitlines() if line.startswith(f"{queue}: ")]
+    assert len(answered) == 1, ok.stdout
+    node = answered[0].split(" answered by ")[1].split(" on ")[0]
+    assert node in cluster.nodes, ok.stdout
+    silent = run_cli(cluster.env, "ping", f"--node={cluster.nodes[0]}", "--canary", queue,
+                     "--canary", "nobody-listens", "--timeout", "2")
+    assert silent.returncode == 1
+    assert f"{queue}: answered by " in silent.stdout
+    assert silent.stderr == ("taskfleet: error: the canary on queue nobody-listens did not come "
+                             "back within 2 s: is its worker consuming it?\n")
