@@ -64,6 +64,8 @@ def cluster(lab) -> DeployedLab:
     run = c.deploy()
     record_timing("deploy: cold", run.seconds)
     assert run.rc == 0, run.out[-6000:]
+    # Over Mitogen (ansible.cfg), not the shim's plain-SSH fallback.
+    assert "Mitogen for Ansible is not installed" not in run.out, run.out[-3000:]
     return c
 
 

@@ -80,11 +80,11 @@ def clean_environ() -> dict[str, str]:
 
 
 def ansible_playbook(inventory: Path, playbook: str = "deploy.yml", *args: str,
-                     timeout: float = 900) -> Run:
+                     timeout: float = 900, env: dict[str, str] | None = None) -> Run:
     """Run the real ansible-playbook from the repo root; output is kept for assertions."""
     cmd = [str(BIN / "ansible-playbook"), "-i", str(inventory), playbook, *args]
     env = clean_environ() | {"ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1",
-                        "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+                             "PATH": f"{BIN}:{os.environ.get('PATH', '')}"} | (env or {})
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
@@ -101,8 +101,9 @@ class DeployedLab:
         self.inventory = lab.inventory_path.parent
         self.env_file = self.inventory / "taskfleet.env"
 
-    def deploy(self, *args: str, playbook: str = "deploy.yml") -> Run:
-        return ansible_playbook(self.inventory, playbook, *args)
+    def deploy(self, *args: str, playbook: str = "deploy.yml",
+               env: dict[str, str] | None = None) -> Run:
+        return ansible_playbook(self.inventory, playbook, *args, env=env)
 
     def app(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None,
             check: bool = False) -> subprocess.CompletedProcess[str]:
