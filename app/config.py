@@ -251,7 +251,7 @@ def celery_settings(s: Settings) -> dict[str, Any]:
         # message is redelivered (Celery's default from 6.0; setting it also silences a warning).
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         # Reserve one message per process: a busy worker does not sit on tasks an idle one
-        # could run, and fewer messages wait for the visibility timeout if it dies.
+        # could run, and fewer messages wait to be handed back (dead-after) if it dies.
         "worker_prefetch_multiplier": s.worker_prefetch_multiplier,
         "broker_transport_options": {
             # With heartbeats this only applies to messages recorded without one (by a worker
