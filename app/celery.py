@@ -31,10 +31,6 @@ os.environ.setdefault("CELERY_WORKER_LOGLEVEL", settings.log_level)
 
 app = Celery("app", include=["app.tasks"])
 app.config_from_object(celery_settings(settings))
-# Results go through Celery's Redis backend with a one-round-trip store (app/transport.py);
-# result_backend stays the plain URL, so Celery's checks and masking of it are unchanged.
-app.loader.override_backends = {"redis": "app.transport:ResultBackend",
-                                "rediss": "app.transport:ResultBackend"}
 
 
 class SystemdWatchdog(bootsteps.StartStopStep):

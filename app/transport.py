@@ -26,8 +26,6 @@ records) keeps working unchanged on the same index, and a stamped message never 
 The solo pool runs a task inside the event loop, so its stamps come from a thread instead.
 With TASKFLEET_HEARTBEAT_INTERVAL=0 this is kombu's transport as shipped (for comparison).
 
-The result backend (ResultBackend, at the end) stores a result in one round trip.
-
 Also: kombu takes a message (BRPOP) and records it in a second round trip; if Redis dies in
 between, the record is retried until Redis is back instead of dropping a message that the
 restarted Redis has nowhere (docs/RELIABILITY.md). A record made while the channel closes is
@@ -45,8 +43,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
-from celery.backends.redis import RedisBackend
-from celery.exceptions import BackendStoreError
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -276,55 +272,3 @@ class Transport(kombu_redis.Transport):
             self._beat_timer.cancel()
             self._beat_timer = None
         super().close_connection(connection)
-
-
-# KEYS[1] the task's result key; ARGV[1] the encoded meta; ARGV[2] its lifetime in seconds
-# (0: none). A result already stored as SUCCESS stays: a task run twice (late ack, a lost
-# worker) must not overwrite it. Redis' Lua has cjson.
-STORE_RESULT = """
-local current = redis.call('GET', KEYS[1])
-if current then
-  local ok, meta = pcall(cjson.decode, current)
-  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
-end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
-"""
-
-
-class ResultBackend(RedisBackend):
-    """Celery's Redis result backend, storing each result in one round trip instead of two.
-
-    Celery reads a task's stored state before each write, so that a second run of the task
-    never overwrites a SUCCESS (BaseKeyValueStoreBackend._store_result): a GET, then a
-    SET + PUBLISH pipeline, a third of a pool process's time per no-op task. STORE_RESULT does
-    the same in one script, and atomically (no write can land between the read and the write).
-    Everything else (connections, retries, reading results) is Celery's. app/celery.py maps
-    the redis:// and rediss:// schemes of result_backend to this class.
-    """
-
-    def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
-                      request: Any = None, **kwargs: Any) -> Any:
-        meta = self._get_result_meta(result=result, state=state, traceback=traceback,
-                                     request=request)
-        meta["task_id"] = bytes_to_str(task_id)
-        value = self.encode(meta)
-        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
-            raise BackendStoreError("value too large for Redis backend", state=state,
-                                    task_id=task_id)
-        try:
-            self.ensure(self._store_unless_success, (self.get_key_for_task(task_id), value))
-        except BackendStoreError as exc:
-            raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
-        return result
-
-    def _store_unless_success(self, key: Any, value: Any) -> None:
-        script = getattr(self, "_store_script", None)
-        if script is None:
-            script = self._store_script = self.client.register_script(STORE_RESULT)
-        script(keys=[key], args=[value, int(self.expires or 0)])

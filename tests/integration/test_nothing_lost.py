@@ -62,37 +62,3 @@ def test_killed_pool_process_task_is_requeued_and_completes(kill_cluster):
     assert took < 15, f"took {took:.1f} s"
     print(f"\npool child SIGKILLed: task ran again and finished {took:.1f} s later "
           f"(task takes {TASK_SECONDS} s)")
-
-
-def test_result_store_never_overwrites_a_success(redis_server, tmp_path):
-    """app.transport.ResultBackend (one script per store) keeps Celery's rule: a second run of a
-    task (late ack) never overwrites its SUCCESS; other states are overwritten; every store is
-    published to the result's channel and expires like Celery's."""
-    from app.transport import ResultBackend
-
-    client = client_app(node_env(tmp_path, redis_server.url(5)))
-    backend = ResultBackend(app=client, url=redis_server.url(5))
-    admin = redis_server.admin(5)
-    listener = admin.pubsub()
-    done, again = "store-done", "store-again"
-    listener.subscribe(backend.get_key_for_task(done), backend.get_key_for_task(again))
-    try:
-        backend.store_result(done, 30, "SUCCESS")
-        backend.store_result(done, ValueError("second run"), "FAILURE")
-        meta = backend.get_task_meta(done)
-        assert (meta["status"], meta["result"]) == ("SUCCESS", 30)
-        backend.store_result(again, None, "STARTED")
-        backend.store_result(again, 7, "SUCCESS")
-        assert backend.get_task_meta(again)["result"] == 7
-        assert 0 < admin.ttl(backend.get_key_for_task(done)) <= backend.expires
-        published = []
-        deadline = time.monotonic() + 5
-        while len(published) < 3 and time.monotonic() < deadline:
-            message = listener.get_message(timeout=0.5)
-            if message and message["type"] == "message":
-                published.append(client.backend.decode(message["data"])["status"])
-        assert published == ["SUCCESS", "STARTED", "SUCCESS"]  # not the refused FAILURE
-    finally:
-        listener.close()
-        admin.delete(backend.get_key_for_task(done), backend.get_key_for_task(again))
-        client.close()
