@@ -3,7 +3,7 @@
 ansible.cfg selects this strategy. Mitogen for Ansible (the `mitogen` package, in
 requirements-dev.txt) keeps one Python interpreter per host for the whole run and sends it
 each module over its own connection, instead of starting Python on the host for every task:
-a no-change deploy takes about a third less time (docs/PERFORMANCE.md, "Deploy levers").
+a no-change deploy takes about a quarter less time (0.75x) (docs/PERFORMANCE.md, "Deploy levers").
 
 Without the package, or with ANSIBLE_STRATEGY=linear, the deploy runs on Ansible's own
 linear strategy over SSH (pipelining + ControlPersist, see ansible.cfg): the same plays, the
