@@ -87,8 +87,8 @@ class ClusterCollector:
             for tag in set(self.first_seen) - seen:  # taken, or no longer at a tail
                 del self.first_seen[tag]
         return {"now": now, "depth": depth, "oldest": oldest,
-                "owners": {_text(k): _text(v) for k, v in owners.items()},
-                "stamps": {_text(k): float(v) for k, v in stamps}}
+                "owners": {k.decode(): v.decode() for k, v in owners.items()},
+                "stamps": {k.decode(): float(v) for k, v in stamps}}
 
     def _age(self, raw: bytes, now: float, seen: set[str]) -> float:
         try:
@@ -160,10 +160,6 @@ class ClusterCollector:
                                  "Time the last read of Redis took")
         took.add_metric([], time.monotonic() - started)
         yield took
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Exporter:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from ..integration.itkit import wait_for
 from .labkit import REPO, DeployedLab, new_lab, record_timing
 from .operatekit import screenshot
 
@@ -78,16 +79,6 @@ def value(cluster: DeployedLab, expr: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
-def poll(check, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(interval)
-
-
 def firing(cluster: DeployedLab, name: str) -> list[dict]:
     return [a for a in api(cluster, "alerts")["alerts"]
             if a["labels"]["alertname"] == name and a["state"] == "firing"]
@@ -108,7 +99,7 @@ def test_every_target_is_up(mon: DeployedLab):
         found = {(t["labels"]["job"], t["labels"]["host"]): t["health"] for t in targets}
         return found if set(found) == expected and set(found.values()) == {"up"} else None
 
-    poll(all_up, 30, "every target up")
+    wait_for(all_up, 30, "every target up", 0.5)
     assert value(mon, 'redis_up{host="redis1"}') == 1  # its ACL user may do what it needs
     assert value(mon, "taskfleet_redis_up") == 1
 
@@ -131,14 +122,14 @@ def test_queue_of_a_stopped_worker_shows_depth_and_a_growing_age(mon: DeployedLa
         assert sent.returncode == 0, sent.stderr
         depth = 'taskfleet_queue_messages{queue="host.worker1"}'
         age = 'taskfleet_queue_oldest_message_age_seconds{queue="host.worker1"}'
-        poll(lambda: value(mon, depth) == 5, 20, "a depth of 5 in Prometheus")
-        first = poll(lambda: value(mon, age), 10, "an age")
+        wait_for(lambda: value(mon, depth) == 5, 20, "a depth of 5 in Prometheus", 0.5)
+        first = wait_for(lambda: value(mon, age), 10, "an age", 0.5)
         time.sleep(3 * SCRAPE)
         later = value(mon, age)
         assert later is not None and later >= first + 2 * SCRAPE, (first, later)
         sent = mon.app("submit", "whoami", "--count", "10", "--queue", "host.worker1")
         assert sent.returncode == 0, sent.stderr
-        poll(lambda: value(mon, depth) == 15, 20, "a depth of 15")
+        wait_for(lambda: value(mon, depth) == 15, 20, "a depth of 15", 0.5)
         time.sleep(2 * SCRAPE)
         graph = urllib.parse.urlencode({"g0.expr": "taskfleet_queue_messages", "g0.tab": "0",
                                         "g0.range_input": "5m"})
@@ -146,19 +137,19 @@ def test_queue_of_a_stopped_worker_shows_depth_and_a_growing_age(mon: DeployedLa
                    REPO / "docs" / "monitoring-queue-depth.png")
     finally:
         mon.on("worker1", "systemctl", "start", "taskfleet-worker", check=True)
-    poll(lambda: value(mon, depth) == 0, 30, "the queue drained by the restarted worker")
-    ok = poll(lambda: value(mon, 'sum(taskfleet_tasks_succeeded_total{task="app.tasks.whoami"})'),
-              20, "the worker's success counter")
+    wait_for(lambda: value(mon, depth) == 0, 30, "the queue drained by the restarted worker", 0.5)
+    succeeded = 'sum(taskfleet_tasks_succeeded_total{task="app.tasks.whoami"})'
+    ok = wait_for(lambda: value(mon, succeeded), 20, "the worker's success counter", 0.5)
     assert ok >= 15, ok
 
 
 def test_a_crashed_worker_host_raises_the_alert_and_it_clears(mon: DeployedLab):
     # The worker the test above stopped fired it too; it clears once the worker answers again.
-    poll(lambda: not firing(mon, "TaskfleetWorkerDown"), 30, "no worker-down alert", 0.5)
+    wait_for(lambda: not firing(mon, "TaskfleetWorkerDown"), 30, "no worker-down alert", 0.5)
     crashed = time.monotonic()
     mon.lab.crash("worker1")
     try:
-        alerts = poll(lambda: firing(mon, "TaskfleetWorkerDown"), ALERT_BOUND + 10,
+        alerts = wait_for(lambda: firing(mon, "TaskfleetWorkerDown"), ALERT_BOUND + 10,
                       "TaskfleetWorkerDown firing", interval=0.5)
         took = time.monotonic() - crashed
         print(f"\n[monitoring] TaskfleetWorkerDown fired {took:.1f} s after the crash")
@@ -166,7 +157,7 @@ def test_a_crashed_worker_host_raises_the_alert_and_it_clears(mon: DeployedLab):
         assert alerts[0]["labels"]["host"] == "worker1", alerts
     finally:
         mon.lab.start("worker1")
-    poll(lambda: not firing(mon, "TaskfleetWorkerDown"), 60, "the alert to clear", 0.5)
+    wait_for(lambda: not firing(mon, "TaskfleetWorkerDown"), 60, "the alert to clear", 0.5)
 
 
 def test_alert_rules_pass_promtool_unit_tests(mon: DeployedLab):
