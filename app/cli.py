@@ -144,10 +144,11 @@ def queue_name(text: str) -> str:
 
 def subcommands() -> tuple[Any, ...]:
     """Every subcommand, in the order --help lists them."""
+    from .exporter import Exporter
     from .status import Ping, ShowConfig, Status  # they use this module's helpers
     from .submit import Submit
 
-    return (Submit, Status, Ping, ShowConfig)
+    return (Submit, Status, Ping, ShowConfig, Exporter)
 
 
 class Parser(argparse.ArgumentParser):

@@ -32,6 +32,8 @@ POOLS = ("prefork", "threads", "solo")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 QUEUE_RE = re.compile(r"^[A-Za-z0-9_.@:-]+$")
 REDIS_SCHEMES = ("redis", "rediss")
+# prometheus_client's own variable: where each process of a prefork pool writes its counters.
+MULTIPROC_DIR_VAR = "PROMETHEUS_MULTIPROC_DIR"
 URL_HELP = "redis://[user:password@]host[:port][/db] or rediss://... (Redis only)"
 
 
@@ -59,6 +61,8 @@ class Settings:
     beat_example_seconds: int = 0
     heartbeat_interval: float = 1.0
     dead_after: float = 6.0
+    metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
     env_file: str | None = None
 
 
@@ -199,13 +203,24 @@ def read_settings(env: Mapping[str, str]) -> Settings:
     timeout = _float(env, "TASKFLEET_CONNECT_TIMEOUT", 5.0)
     level = _choice(env, "TASKFLEET_LOG_LEVEL", "INFO", LOG_LEVELS, normalize=str.upper)
     beat_example = _int(env, "TASKFLEET_BEAT_EXAMPLE_SECONDS", 0, 0, ">= 0 (0 = off)")
+    metrics_port = _int(env, "TASKFLEET_METRICS_PORT", 0, 0, "from 1 to 65535 (0 = off)")
+    if metrics_port > 65535:
+        raise _bad("TASKFLEET_METRICS_PORT", str(metrics_port),
+                   "expected a whole number from 1 to 65535 (0 = off)")
+    if metrics_port and _get(env, MULTIPROC_DIR_VAR) is None:
+        # The pool's processes count into files of this directory (prometheus_client's
+        # multiprocess mode); the worker's main process adds them up when scraped.
+        raise ConfigError(f"TASKFLEET_METRICS_PORT={metrics_port} needs {MULTIPROC_DIR_VAR}: "
+                          "set it to an empty directory the worker may write (the unit's "
+                          "RuntimeDirectory)")
     return Settings(
         broker_url=broker, result_backend=backend, worker_pool=pool,
         worker_concurrency=concurrency, worker_prefetch_multiplier=prefetch,
         worker_max_tasks_per_child=max_tasks, task_time_limit=hard, task_soft_time_limit=soft,
         visibility_timeout=vt, result_expires=expires, default_queue=queue,
         connect_timeout=timeout, log_level=level, beat_example_seconds=beat_example,
-        heartbeat_interval=beat, dead_after=dead_after,
+        heartbeat_interval=beat, dead_after=dead_after, metrics_port=metrics_port,
+        metrics_address=_get(env, "TASKFLEET_METRICS_ADDRESS") or "127.0.0.1",
     )
 
 

@@ -24,6 +24,8 @@ from .config import mask_url
 PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = (0, 3, 6, 9)
 UNACKED_KEY = "unacked"  # hash of delivered, not yet acknowledged messages (Channel.unacked_key)
+OWNER_KEY = "unacked_owner"  # hash: delivery tag -> the host:pid that holds it (transport.py)
+UNACKED_INDEX_KEY = "unacked_index"  # their tags, scored by the last stamp (unacked_index_key)
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 T = TypeVar("T")
 
@@ -107,17 +109,22 @@ def check(url: str, variable: str, timeout: float) -> None:
             f"{scrub(str(exc), url)}") from None
 
 
+def queue_keys(queues: list[str]) -> list[tuple[str, str]]:
+    """(queue, Redis list) for each queue's list and its priority sub-lists."""
+    return [(q, q if step == 0 else f"{q}{PRIORITY_SEP}{step}")
+            for q in queues for step in PRIORITY_STEPS]
+
+
 def queue_depths(url: str, queues: list[str], timeout: float) -> dict[str, int]:
     """Messages waiting in each queue, all priority sub-queues included (one round trip)."""
-    keys = [q if step == 0 else f"{q}{PRIORITY_SEP}{step}"
-            for q in queues for step in PRIORITY_STEPS]
+    keys = queue_keys(queues)
     with client(url, timeout).pipeline(transaction=False) as pipe:
-        for key in keys:
+        for _, key in keys:
             pipe.llen(key)
         sizes = pipe.execute()
     depths = dict.fromkeys(queues, 0)
-    for key, size in zip(keys, sizes, strict=True):
-        depths[key.split(PRIORITY_SEP)[0]] += int(size)
+    for (queue, _), size in zip(keys, sizes, strict=True):
+        depths[queue] += int(size)
     return depths
 
 

@@ -48,12 +48,11 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from .connection import retry_until_back
+from .connection import OWNER_KEY, retry_until_back
 from .systemd import watchdog_ping
 
 log = logging.getLogger(__name__)
 RECORD_PATIENCE = 60.0  # seconds; Redis under systemd (Restart=always) is back well before
-OWNER_KEY = "unacked_owner"  # hash: delivery tag -> the host:pid that holds the message
 STAMP_CHUNK = 500  # tags per re-stamp call
 SWEEP_LIMIT = 1000  # candidates per sweep
 # Transport options this transport reads (app/config.py sets them), beside kombu's own.

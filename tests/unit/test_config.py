@@ -346,9 +346,23 @@ def test_env_example_documents_every_variable_and_is_valid():
     source = Path(app.config.__file__).read_text()
     variables = set(re.findall(r'"((?:TASKFLEET|CELERY)_[A-Z_]+)"', source))
     variables.add("TASKFLEET_ENV_FILE")
-    assert len(variables) == 17
+    assert len(variables) == 19
     for name in sorted(variables):
         assert re.search(rf"^#? ?{name}=", text, re.M), f"{name} missing from .env.example"
     values = {k: v or "" for k, v in dotenv_values(ROOT / ".env.example").items()}
     s = read_settings(values)
     assert (s.task_time_limit, s.visibility_timeout, s.worker_pool) == (300, 3600, "prefork")
+
+
+def test_metrics_port_needs_the_multiprocess_directory():
+    assert settings().metrics_port == 0  # off by default
+    s = settings(TASKFLEET_METRICS_PORT="9809", TASKFLEET_METRICS_ADDRESS="10.0.0.7",
+                 PROMETHEUS_MULTIPROC_DIR="/run/taskfleet-worker")
+    assert (s.metrics_port, s.metrics_address) == (9809, "10.0.0.7")
+    assert error(TASKFLEET_METRICS_PORT="9809") == (
+        "TASKFLEET_METRICS_PORT=9809 needs PROMETHEUS_MULTIPROC_DIR: set it to an empty "
+        "directory the worker may write (the unit's RuntimeDirectory)")
+    assert error(TASKFLEET_METRICS_PORT="70000") == (
+        "invalid TASKFLEET_METRICS_PORT='70000': expected a whole number from 1 to 65535 (0 = off)")
+    assert error(TASKFLEET_METRICS_PORT="-1") == (
+        "invalid TASKFLEET_METRICS_PORT='-1': expected a whole number from 1 to 65535 (0 = off)")
