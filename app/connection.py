@@ -53,11 +53,12 @@ def sentinel_addresses(url: str) -> list[tuple[str, int]]:
 
 
 def client(url: str, timeout: float, master: str | None = None,
-           sentinel_password: str | None = None) -> redis.Redis:
+           sentinel_password: str | None = None, **options: Any) -> redis.Redis:
     """A redis-py client that fails after one attempt within `timeout` seconds; with `master`
-    (sentinel:// URLs), a client of the primary the Sentinels name now (redis-py's Sentinel)."""
+    (sentinel:// URLs), a client of the primary the Sentinels name now (redis-py's Sentinel).
+    `options`: more redis-py client options (decode_responses, ...)."""
     once = {"socket_connect_timeout": timeout, "socket_timeout": timeout,
-            "retry": Retry(NoBackoff(), 0), "retry_on_timeout": False}
+            "retry": Retry(NoBackoff(), 0), "retry_on_timeout": False, **options}
     if master is None:
         return redis.Redis.from_url(url, **once)
     first = urlsplit(url.split(";")[0])
