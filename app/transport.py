@@ -36,6 +36,7 @@ written on a connection of its own (kombu#582).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -239,6 +240,20 @@ class SentinelChannel(kombu_redis.SentinelChannel, Channel):
         if self.connection.client is None:
             raise redis.ConnectionError("the broker connection is closed")
         return super()._get_pool(asynchronous)
+
+    def _receive_one(self, c: Any) -> Any:
+        """kombu's, reading only what has arrived. kombu calls this when the pub/sub socket is
+        readable and reads with redis-py's block=True, which redis-py 8 does with no timeout;
+        when the socket was readable because the connection broke (the old primary cut off,
+        kombu dropping the stale connection), redis-py reconnects -- to the new primary -- inside
+        that read and then waits for the next broadcast for ever, on the worker's event loop
+        (seen in the lab: stuck until systemd's watchdog killed the worker)."""
+        read = c.parse_response
+        c.parse_response = functools.partial(read, block=False)
+        try:
+            return super()._receive_one(c)
+        finally:
+            del c.parse_response
 
     def standalone_client(self) -> redis.Redis:
         """The primary, asked of the Sentinels again (kombu's own pool logic); the channel's
