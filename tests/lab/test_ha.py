@@ -135,11 +135,11 @@ def ha(report: Report) -> Iterator[tuple[Fleet, Tier]]:
         assert fleet.settings.sentinel, "the deployed env file has no Sentinel URLs"
         tier = Tier(cluster, fleet.settings.sentinel_password or "")
         assert wait_until(lambda: "worker@worker1" in fleet.answering(), 30)
-        if report.cluster is None:
-            report.cluster = cluster
         with report.timed():
             yield fleet, tier
         record_timing("ha lab: whole module", time.monotonic() - start)
+        if report.cluster is None:  # run alone: the rows are saved while the lab still stands
+            report.save(cluster)
     finally:
         if not os.environ.get("TASKFLEET_KEEP_LAB"):
             lab.down()
