@@ -37,6 +37,7 @@ URL_HELP = "redis://[user:password@]host[:port][/db] or rediss://... (Redis only
 # as kombu and Celery's result backend read them; the user and password are the Redis ACL
 # user's (every Sentinel is asked where the primary is, then the primary is logged into).
 SENTINEL_SCHEME = "sentinel"
+SENTINEL_TIMEOUT = 1.0  # seconds to connect to, and hear from, one Sentinel
 SENTINEL_HELP = ("sentinel://[user:password@]host[:port][/db];sentinel://... "
                  "(one per Sentinel, the Redis user's password)")
 
@@ -400,10 +401,12 @@ def celery_settings(s: Settings) -> dict[str, Any]:
 def sentinel_options(s: Settings) -> dict[str, Any]:
     """Transport options of kombu's and Celery's Sentinel clients: the master's name, and how
     to reach and log into the Sentinels (their own password; the URLs carry Redis's)."""
-    sentinel_kwargs: dict[str, Any] = {
-        "socket_connect_timeout": s.connect_timeout,
-        "socket_timeout": s.connect_timeout,
-    }
+    # A Sentinel answers from memory in milliseconds. Each new connection to the primary asks
+    # them in turn, on the worker's event loop (heartbeats included): one that is cut off must
+    # cost at most a second, not TASKFLEET_CONNECT_TIMEOUT, or the lab's partitioned primary
+    # (and its Sentinel) froze the worker until systemd's watchdog restarted it.
+    ask = min(s.connect_timeout, SENTINEL_TIMEOUT)
+    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": ask, "socket_timeout": ask}
     if s.sentinel_password:
         sentinel_kwargs["password"] = s.sentinel_password
     return {"master_name": s.sentinel_master, "sentinel_kwargs": sentinel_kwargs}

@@ -375,8 +375,8 @@ def test_sentinel_urls_and_options():
     conf = celery_settings(s)
     assert conf["broker_transport"] == "app.transport:SentinelTransport"
     expected = {"master_name": "taskfleet",
-                "sentinel_kwargs": {"password": "sentinel-pw", "socket_connect_timeout": 5.0,
-                                    "socket_timeout": 5.0}}
+                "sentinel_kwargs": {"password": "sentinel-pw", "socket_connect_timeout": 1.0,
+                                    "socket_timeout": 1.0}}
     for options in (conf["broker_transport_options"], conf["result_backend_transport_options"]):
         assert expected.items() <= options.items()
     # The heartbeat options are kept: the Sentinel channel has the same QoS.
