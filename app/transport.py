@@ -322,7 +322,18 @@ class Transport(kombu_redis.Transport):
 
 
 class SentinelTransport(Transport):
-    """The same transport for sentinel:// URLs (kombu's SentinelTransport, with heartbeats)."""
+    """The same transport for sentinel:// URLs (kombu's SentinelTransport, with heartbeats).
+
+    The heartbeats run in a thread here, not on the event loop: a re-stamp that needs a new
+    connection asks the Sentinels for the primary first, and while the primary is cut off that
+    lookup can block for as long as the partition lasts; on the loop it froze the whole worker
+    until the watchdog restarted it (lab, ha-primary-partition). The watchdog still guards the
+    loop itself.
+    """
 
     Channel = SentinelChannel
     default_port = kombu_redis.SentinelTransport.default_port  # type: ignore[assignment]
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self.beat_in_thread = True
