@@ -15,6 +15,7 @@ from celery import Celery, bootsteps
 from celery.signals import worker_ready, worker_shutting_down
 
 from .config import ConfigError, celery_settings, get_settings
+from .metrics import setup_worker_metrics
 from .systemd import notify as notify_systemd
 from .systemd import watchdog_interval
 
@@ -72,3 +73,7 @@ def _worker_ready(**_: object) -> None:
 @worker_shutting_down.connect
 def _worker_stopping(**_: object) -> None:
     notify_systemd("STOPPING=1\nSTATUS=warm shutdown: finishing running tasks")
+
+# Per-task counters in the worker (TASKFLEET_METRICS_PORT), and the publish time stamped in
+# every message this app sends: app/metrics.py.
+setup_worker_metrics(settings)

@@ -260,7 +260,7 @@ def flower_get(url: str, auth: str | None, timeout: float = 5) -> tuple[int, byt
 
 
 def screenshot(url: str, out: Path) -> None:
-    """The Flower workers page in headless Chromium, kept for the README."""
+    """A page (the Flower workers, the Prometheus graph) in headless Chromium, for the docs."""
     browser = shutil.which("chromium")
     if browser is None:
         pytest.skip("chromium not installed: no screenshot (apt-get install chromium)")

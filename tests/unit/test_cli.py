@@ -100,7 +100,7 @@ def test_good_task_input_reaches_the_broker_check(run, argv):
                   "(see: python -m app submit --help)"),
     ((), "the following arguments are required: COMMAND (see: python -m app --help)"),
     (("frobnicate",), "argument COMMAND: invalid choice: 'frobnicate' (choose from 'submit', "
-                      "'status', 'ping', 'config') (see: python -m app --help)"),
+                      "'status', 'ping', 'config', 'exporter') (see: python -m app --help)"),
 ])
 def test_usage_errors_are_one_line(run, argv, message):
     assert run(*argv) == (2, "", f"taskfleet: error: {message}\n")

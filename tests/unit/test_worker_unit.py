@@ -23,6 +23,8 @@ DEFAULTS = {
     "__celery_worker_venv_dir": "/opt/taskfleet/venv",
     "__celery_worker_service": "taskfleet-worker",
     "__celery_worker_all_queues": ["celery", "host.w1"],
+    "taskfleet_common_monitoring_host": "", "taskfleet_common_worker_metrics_port": 9809,
+    "taskfleet_common_address": "10.0.0.11",
 }
 
 
@@ -49,3 +51,17 @@ def test_no_watchdog_for_solo_or_when_off():
     # The solo pool runs each task inside the event loop: a long task would stop the pings.
     assert "WatchdogSec" not in service(celery_worker_pool="solo")
     assert "WatchdogSec" not in service(celery_worker_watchdog_sec=0)
+
+
+def test_metrics_only_with_a_monitoring_host():
+    """Without a [monitoring] host the unit is as before; with one, the worker serves its
+    per-task counters on its private address, counting into a fresh runtime directory."""
+    assert "RuntimeDirectory" not in service()
+    text = TEMPLATE.read_text()
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             autoescape=False)  # noqa: S701
+    on = env.from_string(text).render({**DEFAULTS, "taskfleet_common_monitoring_host": "m1"})
+    assert "RuntimeDirectory=taskfleet-worker\n" in on
+    assert "Environment=PROMETHEUS_MULTIPROC_DIR=%t/taskfleet-worker\n" in on
+    assert "Environment=TASKFLEET_METRICS_PORT=9809\n" in on
+    assert "Environment=TASKFLEET_METRICS_ADDRESS=10.0.0.11\n" in on
