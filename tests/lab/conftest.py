@@ -25,6 +25,7 @@ from .labkit import (
     new_lab,
     record_timing,
 )
+from .reliability import locked
 
 # The production task settings (hard limit 300 s, visibility timeout 3600 s, heartbeats 1 s,
 # dead after 6 s): the fault suite proves the guarantees at the values the README recommends,
@@ -63,7 +64,7 @@ def cluster(lab) -> DeployedLab:
     c = DeployedLab(lab)
     run = c.deploy()
     record_timing("deploy: cold", run.seconds)
-    assert run.rc == 0, run.out[-6000:]
+    assert run.rc == 0, c.explain(run)
     # Over Mitogen (ansible.cfg), not the shim's plain-SSH fallback.
     assert "Mitogen for Ansible is not installed" not in run.out, run.out[-3000:]
     return c
@@ -75,9 +76,9 @@ def cluster(lab) -> DeployedLab:
 @pytest.fixture(scope="session")
 def report() -> Iterator[Report]:
     """The rows of every reliability suite of the session (test_faults, test_security_lab,
-    test_changes, test_holding, ...); saved to .cache/reliability.json and rendered into
-    docs/RELIABILITY.md once, when the session ends, with the settings of the shared lab (or,
-    when only a suite with a lab of its own ran, of that lab)."""
+    test_changes, test_holding, ...); merged into .cache/reliability.json and rendered into
+    docs/RELIABILITY.md when the session ends, with the settings of the shared lab. Modules
+    with a lab of their own (test_holding, test_ha) save while their lab stands."""
     rep = Report()
     yield rep
     if rep.cluster is not None:
@@ -125,9 +126,9 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("lab timings")
     for name, seconds in TIMINGS.items():
         terminalreporter.write_line(f"{name:<50} {seconds:>7.1f} s")
-    TIMINGS_FILE.parent.mkdir(exist_ok=True)
-    old = json.loads(TIMINGS_FILE.read_text()) if TIMINGS_FILE.exists() else {}
-    TIMINGS_FILE.write_text(json.dumps(old | TIMINGS, indent=2) + "\n")
+    with locked(TIMINGS_FILE):  # the other pytest of `make test` may be writing it too
+        old = json.loads(TIMINGS_FILE.read_text()) if TIMINGS_FILE.exists() else {}
+        TIMINGS_FILE.write_text(json.dumps(old | TIMINGS, indent=2) + "\n")
 
 
 # Every file sets up what it needs through its fixtures, so each also runs on its own. Files

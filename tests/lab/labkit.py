@@ -120,6 +120,28 @@ class DeployedLab:
     def workers(self) -> list[str]:
         return [h["name"] for h in self.lab.status() if h["group"] == "workers"]
 
+    def explain(self, run: Run) -> str:
+        """Why a deploy failed, for an assertion message: every failed task in full (a cold
+        deploy's output is too long to show whole), then each failing host's recent warnings
+        and its Taskfleet units' journal, where the reason for a failed systemd job is."""
+        lines = run.out.splitlines()
+        failed = [i for i, line in enumerate(lines)
+                  if re.match(r"^(fatal|failed): \[", line.strip())]
+        parts = ["\n".join(lines[max(0, i - 12):i + 12]) for i in failed[:4]]
+        parts.append(run.out.split("PLAY RECAP")[-1].strip())
+        bad = [h for h, counts in run.recap().items()
+               if counts.get("failed") or counts.get("unreachable")]
+        for host in bad[:3]:
+            journal = self.on(host, "journalctl", "--no-pager", "-q", "-o", "short-precise",
+                              "--since", "-10min", "-n", "60", "-u", "taskfleet*", "-p", "info",
+                              timeout=30)
+            warnings = self.on(host, "journalctl", "--no-pager", "-q", "-o", "short-precise",
+                               "--since", "-10min", "-n", "30", "-p", "warning", timeout=30)
+            parts.append(f"--- {host}: journal of taskfleet* units\n"
+                         f"{(journal.stdout + journal.stderr)[-4000:]}"
+                         f"--- {host}: warnings\n{(warnings.stdout + warnings.stderr)[-3000:]}")
+        return "\n\n".join(parts)
+
     def main_pid(self, host: str) -> int:
         out = self.on(host, "systemctl", "show", "-p", "MainPID", "--value",
                       "taskfleet-worker", check=True).stdout

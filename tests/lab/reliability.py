@@ -9,9 +9,12 @@ and render() when the session ends, so `make test` refreshes the page. By hand:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import re
 import time
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -40,20 +43,33 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def save(scenarios: dict[str, dict], security: dict[str, dict], settings: dict[str, Any],
-         path: Path = RESULTS) -> dict:
-    """Merge this run's rows into the results file (rows of tests not run are kept, marked
-    with the run they came from)."""
-    now = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    old = json.loads(path.read_text()) if path.exists() else {}
-    data = {"run": now, "versions": _versions(), "settings": settings,
-            "scenarios": old.get("scenarios", {}), "security": old.get("security", {})}
-    for key, row in scenarios.items():
-        data["scenarios"][key] = row | {"run": now}
-    for key, row in security.items():
-        data["security"][key] = row | {"run": now}
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside `path` while a read-modify-write of it runs: `make test`
+    runs two pytest sessions at once, and both merge into the same files when they end."""
     path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def save(scenarios: dict[str, dict], security: dict[str, dict], settings: dict[str, Any],
+         path: Path = RESULTS, *, head: bool = True) -> dict:
+    """Merge this run's rows into the results file (rows of tests not run are kept, marked
+    with the run they came from). The settings heading the page are this run's when `head`
+    (the shared lab's run) or when none are stored yet."""
+    now = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    with locked(path):
+        old = json.loads(path.read_text()) if path.exists() else {}
+        if not head and old.get("settings"):
+            settings = old["settings"]
+        data = {"run": now, "versions": _versions(), "settings": settings,
+                "scenarios": old.get("scenarios", {}), "security": old.get("security", {})}
+        for key, row in scenarios.items():
+            data["scenarios"][key] = row | {"run": now}
+        for key, row in security.items():
+            data["security"][key] = row | {"run": now}
+        path.write_text(json.dumps(data, indent=2) + "\n")
     return data
 
 
@@ -183,7 +199,8 @@ def markdown(data: dict, template: str | None = None) -> str:
 
 def render(results: Path = RESULTS, page: Path = PAGE) -> Path:
     page.parent.mkdir(exist_ok=True)
-    page.write_text(markdown(json.loads(results.read_text())))
+    with locked(results):
+        page.write_text(markdown(json.loads(results.read_text())))
     return page
 
 

@@ -49,14 +49,13 @@ def hold_fleet(report: Report) -> Iterator[Fleet]:
         # nothing to change.
         run = cluster.deploy(env={"ANSIBLE_STRATEGY": "linear"})
         record_timing("hold lab: up + cold deploy (3 hosts)", time.monotonic() - start)
-        assert run.rc == 0, run.out[-6000:]
+        assert run.rc == 0, cluster.explain(run)
         assert "strategy plugins not included in ansible.builtin" not in run.out, run.out[-3000:]
         fleet = Fleet(cluster)
         assert wait_until(lambda: len(fleet.answering()) >= 2, 30), fleet.answering()
-        if report.cluster is None:
-            report.cluster = cluster
         with report.timed():
             yield fleet
+        report.save(cluster)  # while the lab stands: the session may end after it is gone
     finally:
         if not os.environ.get("TASKFLEET_KEEP_LAB"):
             lab.down()

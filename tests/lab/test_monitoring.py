@@ -57,7 +57,7 @@ def mon() -> Iterator[DeployedLab]:
         cluster = DeployedLab(lab)
         run = cluster.deploy()
         record_timing("monitoring lab: up + cold deploy (2 hosts)", time.monotonic() - start)
-        assert run.rc == 0, run.out[-6000:]
+        assert run.rc == 0, cluster.explain(run)
         yield cluster
     finally:
         record_timing("monitoring lab: whole module", time.monotonic() - start)
