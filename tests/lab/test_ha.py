@@ -1,8 +1,10 @@
-"""The Redis HA tier on a small lab of its own: the primary's host crashes, the primary is cut
-off for 60 s, a replica's host crashes -- and the cluster carries on.
+"""The Redis HA tier on a small lab of its own: one Redis host becomes three with tasks
+queued; then the primary's host crashes, the primary is cut off for 60 s, a replica's host
+crashes -- and the cluster carries on.
 
-redis1 ([redis], the first primary), replica1 and replica2 ([redis_replicas]), a Sentinel on each
-(quorum 2 of 3), and worker1, deployed by deploy.yml with the production settings. In each
+redis1 ([redis], the first primary) and worker1 are deployed first with one Redis host; then
+replica1 and replica2 join [redis_replicas] and deploy.yml adds a Sentinel on each (quorum 2
+of 3), with the production settings. In each
 scenario the test's own client (a Celery client configured from the deploy's env file, as a node
 is: through the Sentinels) keeps submitting numbered `mark` tasks while the fault happens; it
 counts what the broker accepted (send_task returned), what it refused, and the ledger says what
@@ -40,6 +42,8 @@ PARTITION_S = 60
 EVERY_S = 0.2  # the client submits a task this often, each runs this long:
 TASK_S = 0.3
 FAULT_WINDOW_S = 30  # and keeps submitting this long after the fault
+# Queued on the one Redis host before it becomes the HA tier: more work than the switch takes.
+MIGRATE_TASKS, MIGRATE_TASK_S = 240, 0.5
 
 
 @dataclass
@@ -125,12 +129,14 @@ def ha(report: Report) -> Iterator[tuple[Fleet, Tier]]:
     lab = new_lab(HA_LAB, HA_SUBNET)
     try:
         start = time.monotonic()
-        lab.up(redis=1, replicas=2, workers=1)
+        # One Redis host first, as a cluster starts; the module turns it into the HA tier.
+        lab.up(redis=1, workers=1)
         cluster = DeployedLab(lab)
         run = cluster.deploy()
-        record_timing("ha lab: up + cold deploy (4 hosts)", time.monotonic() - start)
+        record_timing("ha lab: up + cold deploy, one Redis host (2 hosts)",
+                      time.monotonic() - start)
         assert run.rc == 0, cluster.explain(run)
-        assert "Sentinel quorum OK, 2 replicas linked to the primary" in run.out
+        migrate(cluster, report)
         fleet = Fleet(cluster)
         assert fleet.settings.sentinel, "the deployed env file has no Sentinel URLs"
         tier = Tier(cluster, fleet.settings.sentinel_password or "")
@@ -142,6 +148,37 @@ def ha(report: Report) -> Iterator[tuple[Fleet, Tier]]:
     finally:
         if not os.environ.get("TASKFLEET_KEEP_LAB"):
             lab.down()
+
+
+def migrate(cluster: DeployedLab, report: Report) -> None:
+    """One Redis host to the HA tier with deploy.yml, while tasks wait in the queue and the
+    worker runs them: two replicas join the inventory, the deploy restarts Redis once, points
+    the replicas at it, starts the Sentinels and moves the nodes to the Sentinel URLs with the
+    rolling restart. Every queued task runs (row ha-migrate)."""
+    single = Fleet(cluster)
+    assert not single.settings.sentinel, "the one-Redis deploy already wrote Sentinel URLs"
+    assert wait_until(lambda: "worker@worker1" in single.answering(), 30)
+    batch = batch_name("ha-migrate")
+    numbers = single.submit(batch, range(MIGRATE_TASKS), MIGRATE_TASK_S)
+    queued_before = single.redis().llen(single.settings.default_queue)
+    for host in ("replica1", "replica2"):
+        cluster.lab.add(host, "redis_replicas")
+    run = cluster.deploy()
+    record_timing("ha lab: deploy one Redis host -> HA (2 replicas added)", run.seconds)
+    assert run.rc == 0, cluster.explain(run)
+    assert "Sentinel quorum OK, 2 replicas linked to the primary" in run.out, run.out[-3000:]
+    fleet = Fleet(cluster)
+    assert fleet.settings.sentinel, "the deploy did not move the nodes to the Sentinels"
+    tally = fleet.finish(batch, numbers, timeout=MIGRATE_TASKS * MIGRATE_TASK_S + 120)
+    row = report.scenario(
+        "ha-migrate", f"HA: one Redis host to three with deploy.yml, {MIGRATE_TASKS} tasks "
+        "queued and the worker running", tally, deploy_s=round(run.seconds, 1),
+        queued_at_start=queued_before,
+        held_by="Redis restarts once (AOF), refusing writes without a replica only once the "
+        "replicas are linked; the rolling restart moves the worker to the Sentinel URLs")
+    assert not tally.lost, f"queued before the switch, never ran: {tally.lost}"
+    assert queued_before > 0, "nothing was waiting in the queue when the deploy started"
+    row["passed"] = True
 
 
 def fault_scenario(fleet: Fleet, tier: Tier, report: Report, key: str, title: str, victim: str,
