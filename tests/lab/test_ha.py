@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.lab
 HA_LAB = os.environ.get("TASKFLEET_TEST_HA_LAB", "ciha")
 HA_SUBNET = os.environ.get("TASKFLEET_TEST_HA_SUBNET", "10.85.0.0/24")
 REDIS_HOSTS = ("redis1", "replica1", "replica2")
+EXTRA = "replica3"  # joins, then leaves, at the end of the module
 SENTINEL_PORT = 26379
 MASTER = "taskfleet"
 WATCHDOG_S = 60  # celery_worker_watchdog_sec, the production value this lab deploys
@@ -61,7 +63,12 @@ class Tier:
                            decode_responses=True)
 
     def host_of(self, ip: str) -> str:
-        return next(h for h in REDIS_HOSTS if self.cluster.lab.ip(h) == ip)
+        return next(h for h in (*REDIS_HOSTS, EXTRA) if self.cluster.lab.ip(h) == ip)
+
+    def view(self, host: str) -> dict[str, Any]:
+        """SENTINEL MASTER as the Sentinel on `host` sees it (quorum, num-other-sentinels,
+        num-slaves, ...)."""
+        return dict(self._sentinel(host).sentinel_master(MASTER))
 
     def primary(self, skip: tuple[str, ...] = ()) -> str | None:
         """The primary most Sentinels name (of those asked, none of `skip`)."""
@@ -286,4 +293,54 @@ def test_primary_partitioned(ha: tuple[Fleet, Tier], report: Report):
         victim, fault=lambda: lab.partition(victim), heal=lambda: lab.heal(victim),
         heal_after=PARTITION_S, failover=True)
     assert row["new_primary"] not in (None, victim)
+    row["passed"] = True
+
+
+def test_replica_added_then_removed(ha: tuple[Fleet, Tier], report: Report):
+    """A fourth Redis host joins [redis_replicas] (quorum 3 of 4), then leaves through
+    playbooks/remove-redis-replica.yml and the inventory (quorum 2 of 3 again); every Sentinel
+    ends with the two others and the two replicas, and a client submits throughout."""
+    fleet, tier = ha
+    cluster, lab = fleet.cluster, fleet.cluster.lab
+    assert wait_until(tier.whole, 60), tier.replicas()
+    batch = batch_name("ha-scale")
+    client = Client(fleet, batch)
+    client.start()
+    t0 = time.monotonic()
+    try:
+        lab.add(EXTRA, "redis_replicas")
+        run = cluster.deploy()
+        record_timing("ha lab: deploy, a fourth Redis host joins", run.seconds)
+        assert run.rc == 0, cluster.explain(run)
+        assert "Sentinel quorum OK, 3 replicas linked to the primary" in run.out, run.out[-3000:]
+        grown = {h: tier.view(h)["quorum"] for h in (*REDIS_HOSTS, EXTRA)}
+        assert set(grown.values()) == {3}, grown
+        assert tier.primary() != EXTRA, "the new host is the primary: nothing to test here"
+
+        run = cluster.deploy("-e", f"host={EXTRA}", playbook="playbooks/remove-redis-replica.yml")
+        record_timing("ha lab: remove-redis-replica.yml", run.seconds)
+        assert run.rc == 0, cluster.explain(run)
+        states = cluster.on(EXTRA, "systemctl", "is-active", "redis-sentinel", "redis-server")
+        assert states.stdout.split() == ["inactive", "inactive"], states.stdout
+        hosts = lab.inventory_path.read_text()
+        lab.inventory_path.write_text(re.sub(rf"(?m)^{EXTRA}( .*)?\n", "", hosts))
+        run = cluster.deploy()
+        record_timing("ha lab: deploy after the fourth host left", run.seconds)
+        assert run.rc == 0, cluster.explain(run)
+        assert "Sentinel quorum OK, 2 replicas linked to the primary" in run.out, run.out[-3000:]
+    finally:
+        client.stop.set()
+        client.join(30)
+    views = {h: tier.view(h) for h in REDIS_HOSTS}
+    shrunk = {h: (v["quorum"], v["num-other-sentinels"], v["num-slaves"]) for h, v in views.items()}
+    tally = fleet.finish(batch, sorted(client.accepted), timeout=120)
+    row = report.scenario(
+        "ha-scale", f"HA: {EXTRA} joins (quorum 3 of 4), then leaves by "
+        "remove-redis-replica.yml (quorum 2 of 3), a client submitting", tally,
+        scale_s=round(time.monotonic() - t0, 1), quorum_grown=grown, sentinels_after=shrunk,
+        refused=len(client.refused), refused_kinds=sorted({k for _, k in client.refused}),
+        held_by="the deploy sets each Sentinel's quorum; the playbook stops the host's Sentinel "
+        "and Redis, then resets each other Sentinel, one host at a time")
+    assert not tally.lost, f"accepted but never ran: {tally.lost}"
+    assert set(shrunk.values()) == {(2, 2, 2)}, shrunk
     row["passed"] = True
