@@ -60,7 +60,8 @@ test-lab: venv system-deps
 # shares nothing with it: unit, integration (loopback Redis) and the lab modules that boot a
 # small lab of their own. The suite's wall time is the longer of the two, not their sum. Each
 # lab has its own name, subnet and locks.
-OWN_LAB_TESTS := tests/lab/test_lab.py tests/lab/test_holding.py tests/lab/test_monitoring.py
+OWN_LAB_TESTS := tests/lab/test_lab.py tests/lab/test_holding.py tests/lab/test_ha.py \
+                 tests/lab/test_monitoring.py
 SIDE_TESTS := tests/unit tests/integration $(OWN_LAB_TESTS)
 
 # The lab's base images (about a minute, cold) build while the fast linters run; the slow

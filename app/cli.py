@@ -66,9 +66,10 @@ def check_redis(s: Settings, backend: bool = False) -> None:
     from .connection import BrokerError, check
 
     try:
-        check(s.broker_url, "CELERY_BROKER_URL", s.connect_timeout)
+        check(s.broker_url, "CELERY_BROKER_URL", s.connect_timeout, **s.sentinel_args)
         if backend and s.result_backend != s.broker_url:
-            check(s.result_backend, "CELERY_RESULT_BACKEND", s.connect_timeout)
+            check(s.result_backend, "CELERY_RESULT_BACKEND", s.connect_timeout,
+                  **s.sentinel_args)
     except BrokerError as exc:
         die(str(exc), EXIT_FAIL)
 

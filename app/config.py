@@ -35,6 +35,13 @@ REDIS_SCHEMES = ("redis", "rediss")
 # prometheus_client's own variable: where each process of a prefork pool writes its counters.
 MULTIPROC_DIR_VAR = "PROMETHEUS_MULTIPROC_DIR"
 URL_HELP = "redis://[user:password@]host[:port][/db] or rediss://... (Redis only)"
+# Redis behind Sentinel (the optional HA tier): one sentinel:// URL per Sentinel, joined by ";"
+# as kombu and Celery's result backend read them; the user and password are the Redis ACL
+# user's (every Sentinel is asked where the primary is, then the primary is logged into).
+SENTINEL_SCHEME = "sentinel"
+SENTINEL_TIMEOUT = 1.0  # seconds to connect to, and hear from, one Sentinel
+SENTINEL_HELP = ("sentinel://[user:password@]host[:port][/db];sentinel://... "
+                 "(one per Sentinel, the Redis user's password)")
 
 
 class ConfigError(Exception):
@@ -64,10 +71,27 @@ class Settings:
     metrics_port: int = 0
     metrics_address: str = "127.0.0.1"
     env_file: str | None = None
+    # Set when the URLs are sentinel://: the name the Sentinels monitor, their password.
+    sentinel_master: str | None = None
+    sentinel_password: str | None = None
+
+    @property
+    def sentinel(self) -> bool:
+        return self.sentinel_master is not None
+
+    @property
+    def sentinel_args(self) -> dict[str, str | None]:
+        """Keyword arguments of app.connection's clients: empty for plain Redis URLs."""
+        if not self.sentinel:
+            return {}
+        return {"master": self.sentinel_master, "sentinel_password": self.sentinel_password}
 
 
 def mask_url(url: str) -> str:
-    """Return `url` with its password replaced by ***, for messages and logs."""
+    """Return `url` with its password replaced by ***, for messages and logs (each URL of a
+    ;-separated Sentinel list too)."""
+    if ";" in url:
+        return ";".join(mask_url(part) for part in url.split(";"))
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -97,6 +121,8 @@ def _redis_url(env: Mapping[str, str], name: str, default: str | None = None) ->
         if default is None:
             raise ConfigError(f"{name} is not set: set it to {URL_HELP}")
         return default
+    if raw.startswith(f"{SENTINEL_SCHEME}:") or ";" in raw:
+        return _sentinel_urls(name, raw)
     shown = mask_url(raw)
     try:
         parts = urlsplit(raw)
@@ -111,6 +137,33 @@ def _redis_url(env: Mapping[str, str], name: str, default: str | None = None) ->
     if db and not db.isdigit():
         raise _bad(name, shown, f"the database after the last / must be a number; {URL_HELP}")
     return raw
+
+
+def _sentinel_urls(name: str, raw: str) -> str:
+    """A ;-separated list of sentinel:// URLs, at least one, each with a host, one database."""
+    shown = mask_url(raw)
+    parts = [part.strip() for part in raw.split(";") if part.strip()]
+    dbs = set()
+    for part in parts:
+        try:
+            url = urlsplit(part)
+            _ = url.port
+        except ValueError:
+            raise _bad(name, shown, f"expected {SENTINEL_HELP} (port must be 1-65535)") from None
+        if url.scheme != SENTINEL_SCHEME:
+            raise _bad(name, shown, f"every URL of a Sentinel list is sentinel://; {SENTINEL_HELP}")
+        if not url.hostname:
+            raise _bad(name, shown, f"a Sentinel URL without a host; expected {SENTINEL_HELP}")
+        db = url.path.lstrip("/")
+        if db and not db.isdigit():
+            raise _bad(name, shown,
+                       f"the database after the last / must be a number; {SENTINEL_HELP}")
+        dbs.add(db or "0")
+    if not parts:
+        raise _bad(name, shown, f"no Sentinel in the list; expected {SENTINEL_HELP}")
+    if len(dbs) > 1:
+        raise _bad(name, shown, "the Sentinel URLs name different databases: use one")
+    return ";".join(parts)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int, rule: str) -> int:
@@ -162,6 +215,7 @@ def read_settings(env: Mapping[str, str]) -> Settings:
     """Validate the TASKFLEET_* and CELERY_* variables; raise ConfigError at the first bad one."""
     broker = _redis_url(env, "CELERY_BROKER_URL")
     backend = _redis_url(env, "CELERY_RESULT_BACKEND", default=broker)
+    sentinel_master = _sentinel_master(env, broker, backend)
     pool = _choice(env, "TASKFLEET_WORKER_POOL", "prefork", POOLS)
     concurrency = _int(env, "TASKFLEET_WORKER_CONCURRENCY", os.cpu_count() or 1, 1, ">= 1")
     prefetch = _int(env, "TASKFLEET_WORKER_PREFETCH_MULTIPLIER", 1, 1, ">= 1")
@@ -221,7 +275,28 @@ def read_settings(env: Mapping[str, str]) -> Settings:
         connect_timeout=timeout, log_level=level, beat_example_seconds=beat_example,
         heartbeat_interval=beat, dead_after=dead_after, metrics_port=metrics_port,
         metrics_address=_get(env, "TASKFLEET_METRICS_ADDRESS") or "127.0.0.1",
+        sentinel_master=sentinel_master,
+        sentinel_password=_get(env, "TASKFLEET_SENTINEL_PASSWORD") if sentinel_master else None,
     )
+
+
+def _sentinel_master(env: Mapping[str, str], broker: str, backend: str) -> str | None:
+    """TASKFLEET_SENTINEL_MASTER: required with sentinel:// URLs, which both URLs must then be
+    (one Redis, one failover); None for plain Redis URLs."""
+    kinds = {url.startswith(f"{SENTINEL_SCHEME}:") for url in (broker, backend)}
+    if kinds == {False}:
+        return None
+    if len(kinds) == 2:
+        raise ConfigError("CELERY_BROKER_URL and CELERY_RESULT_BACKEND mix sentinel:// and "
+                          "redis:// URLs: use Sentinel URLs for both, or for neither")
+    master = _get(env, "TASKFLEET_SENTINEL_MASTER")
+    if master is None:
+        raise ConfigError("TASKFLEET_SENTINEL_MASTER is not set: with sentinel:// URLs, name the "
+                          "master the Sentinels monitor (`sentinel monitor <name> ...`)")
+    if not QUEUE_RE.match(master):
+        raise _bad("TASKFLEET_SENTINEL_MASTER", master,
+                   "a Sentinel master name uses only letters, digits and _ . @ : -")
+    return master
 
 
 def restore_interval(s: Settings) -> float:
@@ -247,11 +322,14 @@ def celery_settings(s: Settings) -> dict[str, Any]:
         "socket_keepalive": True,
         "health_check_interval": 10,
     }
-    return {
+    settings: dict[str, Any] = {
         "broker_url": s.broker_url,
         # kombu's Redis transport, with the messages a worker holds tied to its heartbeats, and
-        # a message taken just as Redis dies recorded once Redis is back (app/transport.py).
-        "broker_transport": "app.transport:Transport",
+        # a message taken just as Redis dies recorded once Redis is back (app/transport.py);
+        # its Sentinel variant (the same, with the primary found through Sentinel) for the
+        # sentinel:// URLs of the HA tier.
+        "broker_transport": "app.transport:SentinelTransport" if s.sentinel
+        else "app.transport:Transport",
         "result_backend": s.result_backend,
         # JSON only: a pickle message could run arbitrary code in the worker.
         "accept_content": ["json"],
@@ -325,6 +403,29 @@ def celery_settings(s: Settings) -> dict[str, Any]:
         # Periodic tasks, sent by `celery beat` on the one host of the `beat` group.
         "beat_schedule": beat_schedule(s),
     }
+    if s.sentinel:
+        options = sentinel_options(s)
+        settings["broker_transport_options"].update(options)
+        settings["result_backend_transport_options"].update(options)
+        # A demoted primary answers READONLY, which kombu raises as a channel error: retry it
+        # like a lost connection, so the consumer reconnects through Sentinel to the new
+        # primary instead of stopping (celery#7946).
+        settings["broker_channel_error_retry"] = True
+    return settings
+
+
+def sentinel_options(s: Settings) -> dict[str, Any]:
+    """Transport options of kombu's and Celery's Sentinel clients: the master's name, and how
+    to reach and log into the Sentinels (their own password; the URLs carry Redis's)."""
+    # A Sentinel answers from memory in milliseconds. Each new connection to the primary asks
+    # them in turn, on the worker's event loop (heartbeats included): one that is cut off must
+    # cost at most a second, not TASKFLEET_CONNECT_TIMEOUT, or the lab's partitioned primary
+    # (and its Sentinel) froze the worker until systemd's watchdog restarted it.
+    ask = min(s.connect_timeout, SENTINEL_TIMEOUT)
+    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": ask, "socket_timeout": ask}
+    if s.sentinel_password:
+        sentinel_kwargs["password"] = s.sentinel_password
+    return {"master_name": s.sentinel_master, "sentinel_kwargs": sentinel_kwargs}
 
 
 def beat_schedule(s: Settings) -> dict[str, Any]:

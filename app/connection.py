@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from .config import mask_url
 
@@ -23,6 +24,7 @@ from .config import mask_url
 # queue + SEP + step (kombu.transport.redis: Channel.sep, PRIORITY_STEPS).
 PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = (0, 3, 6, 9)
+SENTINEL_PORT = 26379
 UNACKED_KEY = "unacked"  # hash of delivered, not yet acknowledged messages (Channel.unacked_key)
 OWNER_KEY = "unacked_owner"  # hash: delivery tag -> the host:pid that holds it (transport.py)
 UNACKED_INDEX_KEY = "unacked_index"  # their tags, scored by the last stamp (unacked_index_key)
@@ -34,20 +36,43 @@ class BrokerError(Exception):
     """Redis cannot be used; str(exc) is one line for the user, never with a password."""
 
 
-def describe(url: str) -> tuple[str, str]:
-    """(host:port, user) of a Redis URL, for messages."""
-    parts = urlsplit(url)
-    port = parts.port or 6379
+def describe(url: str, master: str | None = None) -> tuple[str, str]:
+    """(host:port, user) of a Redis URL, for messages; for a Sentinel list, the master's name
+    and the Sentinels' addresses."""
+    parts = urlsplit(url.split(";")[0])
     user = unquote(parts.username) if parts.username else "default"
+    if master is not None:
+        sentinels = ", ".join(f"{h}:{p}" for h, p in sentinel_addresses(url))
+        return f"the primary {master!r} (Sentinels {sentinels})", user
+    port = parts.port or 6379
     return f"{parts.hostname}:{port}", user
 
 
-def client(url: str, timeout: float) -> redis.Redis:
-    """A redis-py client that fails after one attempt within `timeout` seconds."""
-    return redis.Redis.from_url(
-        url, socket_connect_timeout=timeout, socket_timeout=timeout,
-        retry=Retry(NoBackoff(), 0), retry_on_timeout=False,
-    )
+def sentinel_addresses(url: str) -> list[tuple[str, int]]:
+    """(host, port) of every Sentinel of a ;-separated sentinel:// list."""
+    return [(str(p.hostname), p.port or SENTINEL_PORT)
+            for p in map(urlsplit, url.split(";"))]
+
+
+def client(url: str, timeout: float, master: str | None = None,
+           sentinel_password: str | None = None, **options: Any) -> redis.Redis:
+    """A redis-py client that fails after one attempt within `timeout` seconds; with `master`
+    (sentinel:// URLs), a client of the primary the Sentinels name now (redis-py's Sentinel).
+    `options`: more redis-py client options (decode_responses, ...)."""
+    once = {"socket_connect_timeout": timeout, "socket_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0), "retry_on_timeout": False, **options}
+    if master is None:
+        return redis.Redis.from_url(url, **once)
+    first = urlsplit(url.split(";")[0])
+    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": timeout,
+                                       "socket_timeout": timeout}
+    if sentinel_password:
+        sentinel_kwargs["password"] = sentinel_password
+    login = {"username": unquote(first.username) if first.username else None,
+             "password": unquote(first.password) if first.password else None,
+             "db": int(first.path.lstrip("/") or 0)}
+    sentinels = Sentinel(sentinel_addresses(url), sentinel_kwargs=sentinel_kwargs, **once)
+    return sentinels.master_for(master, **login)
 
 
 def retry_until_back(call: Callable[[], T], patience: float,
@@ -70,18 +95,28 @@ def retry_until_back(call: Callable[[], T], patience: float,
 
 
 def scrub(text: str, url: str) -> str:
-    """Remove the URL's password from an error text, should a library have echoed it."""
-    password = urlsplit(url).password
-    if password:
-        text = text.replace(password, "***").replace(unquote(password), "***")
+    """Remove the URL's password (each one of a Sentinel list) from an error text, should a
+    library have echoed it."""
+    for part in url.split(";"):
+        password = urlsplit(part).password
+        if password:
+            text = text.replace(password, "***").replace(unquote(password), "***")
     return text
 
 
-def check(url: str, variable: str, timeout: float) -> None:
+def check(url: str, variable: str, timeout: float, master: str | None = None,
+          sentinel_password: str | None = None) -> None:
     """PING the Redis of `url` once; raise BrokerError with a clear cause and fix."""
-    where, user = describe(url)
+    where, user = describe(url, master)
     try:
-        client(url, timeout).ping()
+        client(url, timeout, master, sentinel_password).ping()
+    except MasterNotFoundError as exc:
+        # Every Sentinel was asked: none answered (down, firewall, wrong password) or none
+        # knows the name. redis-py's text lists each Sentinel's error.
+        raise BrokerError(
+            f"no Sentinel named the primary {master!r} ({scrub(str(exc), url)[:300]}): check "
+            f"{variable}, TASKFLEET_SENTINEL_MASTER, TASKFLEET_SENTINEL_PASSWORD and the "
+            "firewall") from None
     except redis.AuthenticationError:
         if urlsplit(url).password is None:
             raise BrokerError(
@@ -115,10 +150,11 @@ def queue_keys(queues: list[str]) -> list[tuple[str, str]]:
             for q in queues for step in PRIORITY_STEPS]
 
 
-def queue_depths(url: str, queues: list[str], timeout: float) -> dict[str, int]:
+def queue_depths(url: str, queues: list[str], timeout: float,
+                 **sentinel: str | None) -> dict[str, int]:
     """Messages waiting in each queue, all priority sub-queues included (one round trip)."""
     keys = queue_keys(queues)
-    with client(url, timeout).pipeline(transaction=False) as pipe:
+    with client(url, timeout, **sentinel).pipeline(transaction=False) as pipe:
         for _, key in keys:
             pipe.llen(key)
         sizes = pipe.execute()
@@ -128,6 +164,6 @@ def queue_depths(url: str, queues: list[str], timeout: float) -> dict[str, int]:
     return depths
 
 
-def unacked_count(url: str, timeout: float) -> int:
+def unacked_count(url: str, timeout: float, **sentinel: str | None) -> int:
     """Messages delivered to workers and not yet acknowledged (running or reserved)."""
-    return int(client(url, timeout).hlen(UNACKED_KEY))
+    return int(client(url, timeout, **sentinel).hlen(UNACKED_KEY))

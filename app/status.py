@@ -53,10 +53,11 @@ class Status:
                          str(sum(st.get("total", {}).values()))))
         print_table(rows)
         queues = {s.default_queue} | {q["name"] for qs in consumed.values() for q in qs}
-        depths = queue_depths(s.broker_url, sorted(queues), s.connect_timeout)
+        depths = queue_depths(s.broker_url, sorted(queues), s.connect_timeout,
+                              **s.sentinel_args)
         print()
         print_table([("QUEUE", "WAITING")] + [(q, str(n)) for q, n in depths.items()])
-        unacked = unacked_count(s.broker_url, s.connect_timeout)
+        unacked = unacked_count(s.broker_url, s.connect_timeout, **s.sentinel_args)
         print(f"unacknowledged (running or reserved): {unacked}")
         if not nodes:
             cli.die(f"no worker answered within {args.timeout:g} s", cli.EXIT_FAIL)

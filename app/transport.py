@@ -25,6 +25,8 @@ records) keeps working unchanged on the same index, and a stamped message never 
 
 The solo pool runs a task inside the event loop, so its stamps come from a thread instead.
 With TASKFLEET_HEARTBEAT_INTERVAL=0 this is kombu's transport as shipped (for comparison).
+SentinelTransport is the same for Redis behind Sentinel (sentinel:// URLs): kombu's
+SentinelChannel finds the primary, this module's QoS keeps the heartbeats.
 
 Also: kombu takes a message (BRPOP) and records it in a second round trip; if Redis dies in
 between, the record is retried until Redis is back instead of dropping a message that the
@@ -34,6 +36,7 @@ written on a connection of its own (kombu#582).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -145,7 +148,7 @@ class QoS(kombu_redis.QoS):
                                        [delivery_tag, record, self.channel.connection.owner])
 
     def _record_standalone(self, message: Any, delivery_tag: Any) -> None:
-        client = redis.Redis(connection_pool=redis.ConnectionPool(**self.channel.record_params))
+        client = self.channel.standalone_client()
         try:
             self._record(client, message, delivery_tag)
         finally:
@@ -216,6 +219,50 @@ class Channel(kombu_redis.Channel):
         # Plain (not event-loop) connection settings, kept while the connection is open.
         self.record_params = self._connparams(asynchronous=False)
 
+    def standalone_client(self) -> redis.Redis:
+        """A client on a pool of its own, for a record made while the channel closes."""
+        return redis.Redis(connection_pool=redis.ConnectionPool(**self.record_params))
+
+
+class SentinelChannel(kombu_redis.SentinelChannel, Channel):
+    """kombu's Sentinel channel (the primary found through Sentinel, found again after a
+    failover) with this module's QoS: the same heartbeats, owners and sweep. The MRO puts
+    kombu's Sentinel pool logic before Channel, and Channel before kombu's Redis channel."""
+
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        """kombu's, but a lost connection stays a connection error: when the primary dies,
+        Celery releases the connection and the channel's close (which hands back what it
+        holds) asks for a new pool after the transport has dropped its client -- kombu's
+        Sentinel channel then fails with an AttributeError that stops the worker. Raised as
+        a connection error, Celery ignores it and reconnects; what the channel held stays
+        recorded in Redis with its owner, and the sweep hands it back (dead after)."""
+        if self.connection.client is None:
+            raise redis.ConnectionError("the broker connection is closed")
+        return super()._get_pool(asynchronous)
+
+    def _receive_one(self, c: Any) -> Any:
+        """kombu's, reading only what has arrived. kombu calls this when the pub/sub socket is
+        readable and reads with redis-py's block=True, which redis-py 8 does with no timeout;
+        when the socket was readable because the connection broke (the old primary cut off,
+        kombu dropping the stale connection), redis-py reconnects -- to the new primary -- inside
+        that read and then waits for the next broadcast for ever, on the worker's event loop
+        (seen in the lab: stuck until systemd's watchdog killed the worker)."""
+        read = c.parse_response
+        c.parse_response = functools.partial(read, block=False)
+        try:
+            return super()._receive_one(c)
+        finally:
+            del c.parse_response
+
+    def standalone_client(self) -> redis.Redis:
+        """The primary, asked of the Sentinels again (kombu's own pool logic); the channel's
+        Sentinel manager, which kombu closes with the channel, is left as it was."""
+        manager = getattr(self, "_sentinel_manager", None)
+        try:
+            return redis.Redis(connection_pool=self._sentinel_managed_pool(asynchronous=False))
+        finally:
+            self._sentinel_manager = manager
+
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
@@ -271,3 +318,21 @@ class Transport(kombu_redis.Transport):
             self._beat_timer.cancel()
             self._beat_timer = None
         super().close_connection(connection)
+
+
+class SentinelTransport(Transport):
+    """The same transport for sentinel:// URLs (kombu's SentinelTransport, with heartbeats).
+
+    The heartbeats run in a thread here, not on the event loop: a re-stamp that needs a new
+    connection asks the Sentinels for the primary first, and while the primary is cut off that
+    lookup can block for as long as the partition lasts; on the loop it froze the whole worker
+    until the watchdog restarted it (lab, ha-primary-partition). The watchdog still guards the
+    loop itself.
+    """
+
+    Channel = SentinelChannel
+    default_port = kombu_redis.SentinelTransport.default_port  # type: ignore[assignment]
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self.beat_in_thread = True

@@ -45,7 +45,8 @@ STATE_ROOT = Path("/var/lib/taskfleet-lab")
 DEFAULT_NAME = "lab"
 DEFAULT_SUBNET = "10.77.0.0/24"
 FIRST_HOST = 10  # host addresses start at .10 of the subnet; .1 is the bridge (gateway)
-GROUP_PREFIX = {"redis": "redis", "workers": "worker", "clients": "client", "spare": "spare"}
+GROUP_PREFIX = {"redis": "redis", "redis_replicas": "replica", "workers": "worker",
+                "clients": "client", "spare": "spare"}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,11}$")
 _HOST_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 
@@ -257,14 +258,16 @@ class Lab:
 
     def up(self, redis: int = 1, workers: int = 2, clients: int = 0, spare: int = 0,
            distros: Iterable[str] = ("bookworm",), login_user: str | None = None,
-           names: bool = False) -> list[dict]:
+           names: bool = False, replicas: int = 0) -> list[dict]:
         """Boot (or complete) the lab; idempotent: running hosts are left alone. login_user:
-        log in as that sudo user, root login off; names: the inventory names the hosts."""
+        log in as that sudo user, root login off; names: the inventory names the hosts;
+        replicas: hosts of the [redis_replicas] group (the Redis HA tier), replica1..N."""
         preflight()
         distros = list(distros) or [image.DEFAULT_DISTRO]
         for d in distros:
             image.check_distro(d)
-        counts = {"redis": redis, "workers": workers, "clients": clients, "spare": spare}
+        counts = {"redis": redis, "redis_replicas": replicas, "workers": workers,
+                  "clients": clients, "spare": spare}
         if any(c < 0 for c in counts.values()):
             raise LabError("host counts must not be negative")
         start = time.monotonic()

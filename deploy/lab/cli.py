@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="boot the hosts (idempotent) and write the inventory")
     up.add_argument("--redis", type=int, default=1)
+    up.add_argument("--replicas", type=int, default=0,
+                    help="Redis replicas (group redis_replicas: the HA tier, with Sentinels)")
     up.add_argument("--workers", type=int, default=2)
     up.add_argument("--clients", type=int, default=0)
     up.add_argument("--spare", type=int, default=0, help="booted, not in the inventory")
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "up":
             print_table(lab.up(redis=args.redis, workers=args.workers, clients=args.clients,
                                 spare=args.spare, distros=args.distros,
-                                login_user=args.login_user, names=args.names))
+                                login_user=args.login_user, names=args.names,
+                                replicas=args.replicas))
         elif cmd == "add":
             print_table([lab.add(args.host, args.group, args.distro)])
         elif cmd == "status":

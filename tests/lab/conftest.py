@@ -78,7 +78,7 @@ def report() -> Iterator[Report]:
     """The rows of every reliability suite of the session (test_faults, test_security_lab,
     test_changes, test_holding, ...); merged into .cache/reliability.json and rendered into
     docs/RELIABILITY.md when the session ends, with the settings of the shared lab. Modules
-    with a lab of their own (test_holding) save while their lab stands."""
+    with a lab of their own (test_holding, test_ha) save while their lab stands."""
     rep = Report()
     yield rep
     if rep.cluster is not None:

@@ -94,8 +94,14 @@ class Fleet:
         self.reclaim_s = self.settings.dead_after + 2 * self.settings.heartbeat_interval
 
     def redis(self, timeout: float = 5.0):
+        """A client of Redis (of the primary the Sentinels name now, in the HA tier)."""
         import redis
 
+        if self.settings.sentinel:
+            from app.connection import client
+
+            return client(self.url, timeout, **self.settings.sentinel_args,
+                          decode_responses=True)
         return redis.Redis.from_url(self.url, socket_timeout=timeout,
                                     socket_connect_timeout=timeout, decode_responses=True)
 

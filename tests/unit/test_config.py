@@ -346,7 +346,7 @@ def test_env_example_documents_every_variable_and_is_valid():
     source = Path(app.config.__file__).read_text()
     variables = set(re.findall(r'"((?:TASKFLEET|CELERY)_[A-Z_]+)"', source))
     variables.add("TASKFLEET_ENV_FILE")
-    assert len(variables) == 19
+    assert len(variables) == 21
     for name in sorted(variables):
         assert re.search(rf"^#? ?{name}=", text, re.M), f"{name} missing from .env.example"
     values = {k: v or "" for k, v in dotenv_values(ROOT / ".env.example").items()}
@@ -366,3 +366,78 @@ def test_metrics_port_needs_the_multiprocess_directory():
         "invalid TASKFLEET_METRICS_PORT='70000': expected a whole number from 1 to 65535 (0 = off)")
     assert error(TASKFLEET_METRICS_PORT="-1") == (
         "invalid TASKFLEET_METRICS_PORT='-1': expected a whole number from 1 to 65535 (0 = off)")
+
+
+# --------------------------------------------------------------------------- Sentinel (HA tier)
+
+SENTINELS = ("sentinel://taskfleet:s3cret@10.0.0.5:26379/0;"
+             "sentinel://taskfleet:s3cret@10.0.0.6:26379/0;sentinel://taskfleet:s3cret@10.0.0.7/0")
+SENTINEL_ENV = {"CELERY_BROKER_URL": SENTINELS, "TASKFLEET_SENTINEL_MASTER": "taskfleet",
+                "TASKFLEET_SENTINEL_PASSWORD": "sentinel-pw"}
+
+
+def sentinel_error(**env: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        read_settings({**SENTINEL_ENV, **env})
+    return str(info.value)
+
+
+def test_sentinel_urls_and_options():
+    s = read_settings(SENTINEL_ENV)
+    assert s.broker_url == s.result_backend == SENTINELS
+    assert (s.sentinel_master, s.sentinel_password) == ("taskfleet", "sentinel-pw")
+    conf = celery_settings(s)
+    assert conf["broker_transport"] == "app.transport:SentinelTransport"
+    expected = {"master_name": "taskfleet",
+                "sentinel_kwargs": {"password": "sentinel-pw", "socket_connect_timeout": 1.0,
+                                    "socket_timeout": 1.0}}
+    for options in (conf["broker_transport_options"], conf["result_backend_transport_options"]):
+        assert expected.items() <= options.items()
+    # The heartbeat options are kept: the Sentinel channel has the same QoS.
+    assert conf["broker_transport_options"]["taskfleet_heartbeat_interval"] == 1.0
+    assert conf["broker_channel_error_retry"] is True
+    assert "broker_channel_error_retry" not in celery_settings(settings())
+    assert settings().sentinel_args == {}
+    assert s.sentinel_args == {"master": "taskfleet", "sentinel_password": "sentinel-pw"}
+
+
+def test_sentinel_password_is_optional_and_masked():
+    s = read_settings({**SENTINEL_ENV, "TASKFLEET_SENTINEL_PASSWORD": ""})
+    assert s.sentinel_password is None
+    assert "password" not in celery_settings(s)["broker_transport_options"]["sentinel_kwargs"]
+    assert mask_url(SENTINELS).count("taskfleet:***@") == 3
+    assert "s3cret" not in mask_url(SENTINELS)
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"TASKFLEET_SENTINEL_MASTER": ""},
+     "TASKFLEET_SENTINEL_MASTER is not set: with sentinel:// URLs, name the master the "
+     "Sentinels monitor (`sentinel monitor <name> ...`)"),
+    ({"TASKFLEET_SENTINEL_MASTER": "my master"},
+     "invalid TASKFLEET_SENTINEL_MASTER='my master': a Sentinel master name uses only letters, "
+     "digits and _ . @ : -"),
+    ({"CELERY_BROKER_URL": "sentinel://"},
+     "invalid CELERY_BROKER_URL='sentinel://': a Sentinel URL without a host; expected "
+     "sentinel://[user:password@]host[:port][/db];sentinel://... (one per Sentinel, the Redis "
+     "user's password)"),
+    ({"CELERY_BROKER_URL": ";"},
+     "invalid CELERY_BROKER_URL=';': no Sentinel in the list; expected "
+     "sentinel://[user:password@]host[:port][/db];sentinel://... (one per Sentinel, the Redis "
+     "user's password)"),
+    ({"CELERY_BROKER_URL": "sentinel://:pw@a:26379;redis://b:6379"},
+     "invalid CELERY_BROKER_URL='sentinel://:***@a:26379;redis://b:6379': every URL of a "
+     "Sentinel list is sentinel://; sentinel://[user:password@]host[:port][/db];sentinel://... "
+     "(one per Sentinel, the Redis user's password)"),
+    ({"CELERY_BROKER_URL": "sentinel://a:26379/0;sentinel://b:26379/1"},
+     "invalid CELERY_BROKER_URL='sentinel://a:26379/0;sentinel://b:26379/1': the Sentinel URLs "
+     "name different databases: use one"),
+    ({"CELERY_BROKER_URL": "sentinel://a:99999"},
+     "invalid CELERY_BROKER_URL='sentinel://a:99999': expected sentinel://[user:password@]"
+     "host[:port][/db];sentinel://... (one per Sentinel, the Redis user's password) (port must "
+     "be 1-65535)"),
+    ({"CELERY_RESULT_BACKEND": URL},
+     "CELERY_BROKER_URL and CELERY_RESULT_BACKEND mix sentinel:// and redis:// URLs: use "
+     "Sentinel URLs for both, or for neither"),
+])
+def test_sentinel_errors(env, expected):
+    assert sentinel_error(**env) == expected

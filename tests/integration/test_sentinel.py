@@ -1,0 +1,198 @@
+"""Redis behind Sentinel on loopback: a primary, a replica and three Sentinels (real
+redis-server processes, the Sentinels as `redis-server --sentinel`), with the ACL users the
+redis role deploys: the app's, replication's (masteruser) and Sentinel's (auth-user).
+
+A worker and the command line reach Redis only through the Sentinels; the worker's heartbeats
+run through kombu's Sentinel channel; when the primary is SIGKILLed the Sentinels promote the
+replica and the same worker, never restarted, runs the next task from it. The lab suite
+(tests/lab/test_ha.py) does the same at production settings on real hosts; here Sentinel's
+down-after is 1 s, only to keep the test short.
+"""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from .itkit import (
+    REDIS_SERVER,
+    USER,
+    free_port,
+    node_env,
+    run_cli,
+    start_workers,
+    stop_workers,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+MASTER = "taskfleet"
+SENTINEL_ACL = ("allchannels +multi +slaveof +replicaof +ping +exec +subscribe +config|rewrite "
+                "+role +publish +info +client|setname +client|kill +script|kill")
+
+
+@dataclass
+class HA:
+    tmp: Path
+    password: str = field(default_factory=lambda: secrets.token_hex(12))
+    admin_pw: str = field(default_factory=lambda: secrets.token_hex(12))
+    repl_pw: str = field(default_factory=lambda: secrets.token_hex(12))
+    sentinel_user_pw: str = field(default_factory=lambda: secrets.token_hex(12))
+    sentinel_pw: str = field(default_factory=lambda: secrets.token_hex(12))
+    redis_ports: list[int] = field(default_factory=list)
+    sentinel_ports: list[int] = field(default_factory=list)
+    procs: dict[int, subprocess.Popen] = field(default_factory=dict)
+
+    def start_redis(self, port: int, replica_of: int | None) -> None:
+        d = self.tmp / f"redis-{port}"
+        d.mkdir(exist_ok=True)
+        argv = [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(d),
+                "--save", "", "--appendonly", "yes", "--logfile", str(d / "redis.log"),
+                "--masteruser", "replication", "--masterauth", self.repl_pw,
+                "--min-replicas-to-write", "0",
+                "--user", "default", "off", "resetkeys", "resetchannels", "~*", "&*", "+@all",
+                "--user", USER, "on", f">{self.password}", "~*", "&*", "+@all", "-@dangerous",
+                "--user", "admin", "on", f">{self.admin_pw}", "~*", "&*", "+@all",
+                "--user", "replication", "on", f">{self.repl_pw}", "+psync", "+replconf",
+                "+ping",
+                "--user", "sentinel", "on", f">{self.sentinel_user_pw}",
+                *SENTINEL_ACL.split()]
+        if replica_of:
+            argv += ["--replicaof", "127.0.0.1", str(replica_of)]
+        self.procs[port] = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.STDOUT)
+        wait_for(lambda: self._answers(port), 15, f"redis-server on {port}")
+
+    def start_sentinel(self, port: int, primary: int) -> None:
+        conf = self.tmp / f"sentinel-{port}.conf"
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {self.tmp}\n"
+            f"logfile {self.tmp}/sentinel-{port}.log\n"
+            f"requirepass {self.sentinel_pw}\nsentinel sentinel-pass {self.sentinel_pw}\n"
+            f"sentinel monitor {MASTER} 127.0.0.1 {primary} 2\n"
+            f"sentinel auth-user {MASTER} sentinel\n"
+            f"sentinel auth-pass {MASTER} {self.sentinel_user_pw}\n"
+            f"sentinel down-after-milliseconds {MASTER} 1000\n"
+            f"sentinel failover-timeout {MASTER} 10000\n")
+        self.procs[port] = subprocess.Popen([REDIS_SERVER, str(conf), "--sentinel"],
+                                            stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.STDOUT)
+
+    def _answers(self, port: int) -> bool:
+        try:
+            return bool(self.admin(port).ping())
+        except redis.RedisError:
+            return False
+
+    def admin(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, username="admin", password=self.admin_pw, socket_timeout=2)
+
+    def sentinel(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, password=self.sentinel_pw, socket_timeout=2,
+                           decode_responses=True)
+
+    def primary(self) -> int | None:
+        for port in self.sentinel_ports:
+            try:
+                found = self.sentinel(port).sentinel_get_master_addr_by_name(MASTER)
+            except redis.RedisError:
+                continue
+            if found:
+                return int(found[1])
+        return None
+
+    def env(self) -> dict[str, str]:
+        urls = ";".join(f"sentinel://{USER}:{self.password}@127.0.0.1:{p}/0"
+                        for p in self.sentinel_ports)
+        return node_env(self.tmp, urls, TASKFLEET_SENTINEL_MASTER=MASTER,
+                        TASKFLEET_SENTINEL_PASSWORD=self.sentinel_pw)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def ha(no_celery_env, tmp_path) -> Iterator[HA]:
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    cluster = HA(tmp_path)
+    try:
+        primary, replica = free_port(), free_port()
+        cluster.redis_ports = [primary, replica]
+        cluster.start_redis(primary, None)
+        cluster.start_redis(replica, primary)
+        cluster.sentinel_ports = [free_port() for _ in range(3)]
+        for port in cluster.sentinel_ports:
+            cluster.start_sentinel(port, primary)
+
+        def ready() -> bool:
+            try:
+                info = cluster.sentinel(cluster.sentinel_ports[0]).sentinel_master(MASTER)
+            except redis.RedisError:
+                return False
+            return int(info.get("num-other-sentinels", 0)) == 2 \
+                and int(info.get("num-slaves", 0)) == 1
+        wait_for(ready, 30, "three Sentinels that know each other and the replica", 0.3)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_worker_and_cli_follow_a_failover(ha: HA, tmp_path: Path):
+    env = ha.env()
+    status = run_cli(env, "status", "--timeout", "1")
+    assert "QUEUE" in status.stdout, status.stdout + status.stderr  # Redis reached; no worker
+    workers = start_workers(env, ["ha"], tmp_path)
+    try:
+        done = run_cli(env, "submit", "add", "1", "2", "--wait", "--timeout", "20")
+        assert (done.returncode, done.stdout.strip()) == (0, "3"), done.stderr
+
+        # Heartbeats through the Sentinel channel: a running task has an owner, stamped.
+        primary = ha.primary()
+        assert primary == ha.redis_ports[0]
+        run_cli(env, "submit", "sleep", "4")
+        owners = wait_for(lambda: ha.admin(primary).hgetall("unacked_owner"), 10,
+                          "the running task's owner entry (heartbeats on)")
+        assert len(owners) == 1, owners
+
+        ha.procs[primary].send_signal(signal.SIGKILL)
+        ha.procs[primary].wait(5)
+        killed = time.monotonic()
+        promoted = wait_for(lambda: (p := ha.primary()) != primary and p, 30,
+                            "the Sentinels to promote the replica")
+        assert promoted == ha.redis_ports[1]
+        done = run_cli(env, "submit", "add", "2", "3", "--wait", "--timeout", "30", timeout=60)
+        assert (done.returncode, done.stdout.strip()) == (0, "5"), done.stdout + done.stderr
+        assert time.monotonic() - killed < 60
+        assert workers[0].alive(), "the worker exited instead of following the failover"
+        ping = run_cli(env, "ping", "--node", workers[0].name, "--timeout", "10")
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+    finally:
+        stop_workers(workers)
+
+
+def test_cli_names_the_sentinel_problem(ha: HA):
+    env = ha.env() | {"TASKFLEET_SENTINEL_PASSWORD": "wrong"}
+    bad = run_cli(env, "status")
+    assert bad.returncode != 0
+    line = bad.stderr.strip()
+    assert len(line.splitlines()) == 1, line
+    assert "no Sentinel named the primary 'taskfleet'" in line, line
+    assert "wrong" not in line and ha.password not in line, line
+    env = ha.env() | {"TASKFLEET_SENTINEL_MASTER": "other"}
+    assert "no Sentinel named the primary 'other'" in run_cli(env, "status").stderr

@@ -1,0 +1,346 @@
+"""The Redis HA tier on a small lab of its own: one Redis host becomes three with tasks
+queued; then the primary's host crashes, the primary is cut off for 60 s, a replica's host
+crashes -- and the cluster carries on.
+
+redis1 ([redis], the first primary) and worker1 are deployed first with one Redis host; then
+replica1 and replica2 join [redis_replicas] and deploy.yml adds a Sentinel on each (quorum 2
+of 3), with the production settings. In each
+scenario the test's own client (a Celery client configured from the deploy's env file, as a node
+is: through the Sentinels) keeps submitting numbered `mark` tasks while the fault happens; it
+counts what the broker accepted (send_task returned), what it refused, and the ledger says what
+ran. Lost counts accepted numbers that never ran: replication is asynchronous, so a write the
+primary acknowledged just before it died may be gone, and this suite would show it. Nobody
+restarts anything by hand; whether systemd restarted the worker is reported. Rows "ha-*" of
+docs/RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from .faultkit import MARK, Fleet, Report, batch_name, wait_until
+from .labkit import DeployedLab, new_lab, record_timing
+
+pytestmark = pytest.mark.lab
+HA_LAB = os.environ.get("TASKFLEET_TEST_HA_LAB", "ciha")
+HA_SUBNET = os.environ.get("TASKFLEET_TEST_HA_SUBNET", "10.85.0.0/24")
+REDIS_HOSTS = ("redis1", "replica1", "replica2")
+EXTRA = "replica3"  # joins, then leaves, at the end of the module
+SENTINEL_PORT = 26379
+MASTER = "taskfleet"
+WATCHDOG_S = 60  # celery_worker_watchdog_sec, the production value this lab deploys
+TARGET_S = 30  # workers and clients carry on through the new primary within this
+PARTITION_S = 60
+EVERY_S = 0.2  # the client submits a task this often, each runs this long:
+TASK_S = 0.3
+FAULT_WINDOW_S = 30  # and keeps submitting this long after the fault
+# Queued on the one Redis host before it becomes the HA tier: more work than the switch takes.
+MIGRATE_TASKS, MIGRATE_TASK_S = 240, 0.5
+
+
+@dataclass
+class Tier:
+    """The Sentinels' view of the Redis hosts, asked directly (never through the app)."""
+
+    cluster: DeployedLab
+    password: str
+
+    def _sentinel(self, host: str) -> Any:
+        import redis
+
+        return redis.Redis(host=self.cluster.lab.ip(host), port=SENTINEL_PORT,
+                           password=self.password, socket_timeout=2, socket_connect_timeout=2,
+                           decode_responses=True)
+
+    def host_of(self, ip: str) -> str:
+        return next(h for h in (*REDIS_HOSTS, EXTRA) if self.cluster.lab.ip(h) == ip)
+
+    def view(self, host: str) -> dict[str, Any]:
+        """SENTINEL MASTER as the Sentinel on `host` sees it (quorum, num-other-sentinels,
+        num-slaves, ...)."""
+        return dict(self._sentinel(host).sentinel_master(MASTER))
+
+    def primary(self, skip: tuple[str, ...] = ()) -> str | None:
+        """The primary most Sentinels name (of those asked, none of `skip`)."""
+        said: list[str] = []
+        for host in REDIS_HOSTS:
+            if host in skip:
+                continue
+            with contextlib.suppress(Exception):
+                ip = self._sentinel(host).sentinel_get_master_addr_by_name(MASTER)
+                if ip:
+                    said.append(self.host_of(ip[0]))
+        return max(set(said), key=said.count) if said else None
+
+    def replicas(self, skip: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+        """Each replica's state as a Sentinel (the first that answers) sees it."""
+        for host in REDIS_HOSTS:
+            if host in skip:
+                continue
+            with contextlib.suppress(Exception):
+                found = self._sentinel(host).sentinel_slaves(MASTER)
+                return {self.host_of(r["ip"]): r for r in found}
+        return {}
+
+    def linked(self, host: str, skip: tuple[str, ...] = ()) -> bool:
+        """`host` is a replica whose link to the primary is up, not down in Sentinel's eyes."""
+        state = self.replicas(skip).get(host)
+        return bool(state and state.get("master-link-status") == "ok"
+                    and not state.get("is_sdown") and not state.get("is_disconnected"))
+
+    def whole(self) -> bool:
+        """A primary and two linked replicas."""
+        primary = self.primary()
+        return primary is not None and all(
+            self.linked(h) for h in REDIS_HOSTS if h != primary)
+
+
+@dataclass(eq=False)  # a Thread must stay hashable
+class Client(threading.Thread):
+    """The test's client: submits `mark` tasks every EVERY_S until stopped, and keeps when the
+    broker accepted each number and what it refused."""
+
+    fleet: Fleet
+    batch: str
+    accepted: dict[int, float] = field(default_factory=dict)
+    refused: list[tuple[float, str]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        threading.Thread.__init__(self, daemon=True)
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            try:
+                self.fleet.send(MARK, [self.batch, n, TASK_S])
+                self.accepted[n] = time.time()
+            except Exception as exc:  # refused (no primary, NOREPLICAS): not accepted
+                self.refused.append((time.time(), type(exc).__name__))
+            n += 1
+            self.stop.wait(EVERY_S)
+
+
+@pytest.fixture(scope="module")
+def ha(report: Report) -> Iterator[tuple[Fleet, Tier]]:
+    lab = new_lab(HA_LAB, HA_SUBNET)
+    try:
+        start = time.monotonic()
+        # One Redis host first, as a cluster starts; the module turns it into the HA tier.
+        lab.up(redis=1, workers=1)
+        cluster = DeployedLab(lab)
+        run = cluster.deploy()
+        record_timing("ha lab: up + cold deploy, one Redis host (2 hosts)",
+                      time.monotonic() - start)
+        assert run.rc == 0, cluster.explain(run)
+        migrate(cluster, report)
+        fleet = Fleet(cluster)
+        assert fleet.settings.sentinel, "the deployed env file has no Sentinel URLs"
+        tier = Tier(cluster, fleet.settings.sentinel_password or "")
+        assert wait_until(lambda: "worker@worker1" in fleet.answering(), 30)
+        with report.timed():
+            yield fleet, tier
+        record_timing("ha lab: whole module", time.monotonic() - start)
+        report.save(cluster)  # while the lab stands: the session may end after it is gone
+    finally:
+        if not os.environ.get("TASKFLEET_KEEP_LAB"):
+            lab.down()
+
+
+def migrate(cluster: DeployedLab, report: Report) -> None:
+    """One Redis host to the HA tier with deploy.yml, while tasks wait in the queue and the
+    worker runs them: two replicas join the inventory, the deploy restarts Redis once, points
+    the replicas at it, starts the Sentinels and moves the nodes to the Sentinel URLs with the
+    rolling restart. Every queued task runs (row ha-migrate)."""
+    single = Fleet(cluster)
+    assert not single.settings.sentinel, "the one-Redis deploy already wrote Sentinel URLs"
+    assert wait_until(lambda: "worker@worker1" in single.answering(), 30)
+    batch = batch_name("ha-migrate")
+    numbers = single.submit(batch, range(MIGRATE_TASKS), MIGRATE_TASK_S)
+    queued_before = single.redis().llen(single.settings.default_queue)
+    for host in ("replica1", "replica2"):
+        cluster.lab.add(host, "redis_replicas")
+    run = cluster.deploy()
+    record_timing("ha lab: deploy one Redis host -> HA (2 replicas added)", run.seconds)
+    assert run.rc == 0, cluster.explain(run)
+    assert "Sentinel quorum OK, 2 replicas linked to the primary" in run.out, run.out[-3000:]
+    fleet = Fleet(cluster)
+    assert fleet.settings.sentinel, "the deploy did not move the nodes to the Sentinels"
+    tally = fleet.finish(batch, numbers, timeout=MIGRATE_TASKS * MIGRATE_TASK_S + 120)
+    row = report.scenario(
+        "ha-migrate", f"HA: one Redis host to three with deploy.yml, {MIGRATE_TASKS} tasks "
+        "queued and the worker running", tally, deploy_s=round(run.seconds, 1),
+        queued_at_start=queued_before,
+        held_by="Redis restarts once (AOF), refusing writes without a replica only once the "
+        "replicas are linked; the rolling restart moves the worker to the Sentinel URLs")
+    assert not tally.lost, f"queued before the switch, never ran: {tally.lost}"
+    assert queued_before > 0, "nothing was waiting in the queue when the deploy started"
+    row["passed"] = True
+
+
+def fault_scenario(fleet: Fleet, tier: Tier, report: Report, key: str, title: str, victim: str,
+                   fault: Any, heal: Any, heal_after: float, failover: bool) -> dict[str, Any]:
+    """Submit through the fault; heal after `heal_after` s; file the row. Returns the row."""
+    before = fleet.service("worker1")
+    batch = batch_name(key)
+    client = Client(fleet, batch)
+    client.start()
+    assert wait_until(lambda: len(fleet.ledger(batch)) >= 5, 30), "the batch never started"
+    t0 = time.time()
+    fault()
+    new_primary = None
+    if failover:
+        wait_until(lambda: tier.primary(skip=(victim,)) not in (None, victim), 60, step=0.5)
+        new_primary = tier.primary(skip=(victim,))
+    failover_s = round(time.time() - t0, 1) if failover else None
+    time.sleep(max(0.0, t0 + heal_after - time.time()))
+    healed = time.time()
+    heal()
+    time.sleep(max(0.0, t0 + FAULT_WINDOW_S - time.time()))
+    client.stop.set()
+    client.join(30)
+    rejoined = wait_until(lambda: tier.linked(victim), 90, step=1.0)
+    rejoined_s = round(time.time() - healed, 1) if rejoined is not None else None
+    submitted = sorted(client.accepted)
+    tally = fleet.finish(batch, submitted, timeout=150, reachable_at=healed)
+    # Carry on: the first task accepted after the fault that ran, counted from the fault.
+    after = [n for n, t in client.accepted.items() if t > t0]
+    runs = [t for n in after if (t := tally.first_run(n)) is not None]
+    recovery = round(min(runs) - t0, 1) if runs else None
+    accepted_gap = round(min(client.accepted[n] for n in after) - t0, 1) if after else None
+    # The longest time the worker ran nothing of the batch after the fault, while tasks waited.
+    times = sorted([t0, *runs])
+    pause = round(max(b - a for a, b in itertools.pairwise(times)), 1) \
+        if len(times) > 1 else None
+    after_pid = fleet.service("worker1")
+    row = report.scenario(
+        key, title, tally, recovery_s=recovery,
+        recovery_what="first task submitted after the fault ran (client and worker on the new "
+        "primary)" if failover else "first task submitted after the fault ran",
+        bound_s=TARGET_S, failover_s=failover_s, new_primary=new_primary,
+        client_gap_s=accepted_gap, longest_pause_s=pause, refused=len(client.refused),
+        refused_kinds=sorted({k for _, k in client.refused}),
+        rejoined_s=rejoined_s, rejoined_as_replica=rejoined is not None,
+        worker_restarted=before["MainPID"] != after_pid["MainPID"],
+        held_by="Sentinel promotes a replica (quorum 2 of 3); kombu's Sentinel transport and "
+        "Celery's Sentinel result backend find it; heartbeats hand back what the lost "
+        "connection held" if failover else "the primary keeps serving; Sentinel drops the "
+        "replica and takes it back")
+    assert not tally.lost, f"accepted but never ran: {tally.lost}"
+    assert recovery is not None and recovery <= TARGET_S, row
+    # A worker whose event loop blocks is restarted by systemd's watchdog (production 60 s):
+    # no pause may outlast that, the restart and the dead-after time.
+    assert pause is not None and pause <= WATCHDOG_S + 30, row
+    assert rejoined is not None, f"{victim} did not rejoin as a replica: {tier.replicas()}"
+    return row
+
+
+def test_replica_host_crash(ha: tuple[Fleet, Tier], report: Report):
+    """A replica's host dies mid-batch and boots again: nothing stops, it rejoins."""
+    fleet, tier = ha
+    primary = tier.primary()
+    victim = next(h for h in REDIS_HOSTS if h != primary)
+    lab = fleet.cluster.lab
+    row = fault_scenario(
+        fleet, tier, report, "ha-replica-crash",
+        f"HA: a replica's host ({victim}) hard crash mid-batch", victim,
+        fault=lambda: lab.crash(victim), heal=lambda: lab.start(victim), heal_after=10,
+        failover=False)
+    assert tier.primary() == primary
+    row["passed"] = True
+
+
+def test_primary_host_crash(ha: tuple[Fleet, Tier], report: Report):
+    """The primary's host dies mid-batch: the Sentinels promote a replica, the worker and the
+    client follow within 30 s, nothing accepted is lost; the host boots again and its Redis
+    rejoins as a replica."""
+    fleet, tier = ha
+    assert wait_until(tier.whole, 60), tier.replicas()
+    victim = tier.primary()
+    assert victim is not None
+    lab = fleet.cluster.lab
+    row = fault_scenario(
+        fleet, tier, report, "ha-primary-crash",
+        f"HA: the primary's host ({victim}) hard crash mid-batch", victim,
+        fault=lambda: lab.crash(victim), heal=lambda: lab.start(victim), heal_after=15,
+        failover=True)
+    assert row["new_primary"] not in (None, victim)
+    row["passed"] = True
+
+
+def test_primary_partitioned(ha: tuple[Fleet, Tier], report: Report):
+    """The primary is cut off for 60 s mid-batch, then healed: the others fail over, and the
+    old primary -- which refused writes once it had no replica (min-replicas-to-write) --
+    rejoins as a replica of the new one."""
+    fleet, tier = ha
+    assert wait_until(tier.whole, 60), tier.replicas()
+    victim = tier.primary()
+    assert victim is not None
+    lab = fleet.cluster.lab
+    row = fault_scenario(
+        fleet, tier, report, "ha-primary-partition",
+        f"HA: the primary ({victim}) partitioned {PARTITION_S} s mid-batch, then healed",
+        victim, fault=lambda: lab.partition(victim), heal=lambda: lab.heal(victim),
+        heal_after=PARTITION_S, failover=True)
+    assert row["new_primary"] not in (None, victim)
+    row["passed"] = True
+
+
+def test_replica_added_then_removed(ha: tuple[Fleet, Tier], report: Report):
+    """A fourth Redis host joins [redis_replicas] (quorum 3 of 4), then leaves through
+    playbooks/remove-redis-replica.yml and the inventory (quorum 2 of 3 again); every Sentinel
+    ends with the two others and the two replicas, and a client submits throughout."""
+    fleet, tier = ha
+    cluster, lab = fleet.cluster, fleet.cluster.lab
+    assert wait_until(tier.whole, 60), tier.replicas()
+    batch = batch_name("ha-scale")
+    client = Client(fleet, batch)
+    client.start()
+    t0 = time.monotonic()
+    try:
+        lab.add(EXTRA, "redis_replicas")
+        run = cluster.deploy()
+        record_timing("ha lab: deploy, a fourth Redis host joins", run.seconds)
+        assert run.rc == 0, cluster.explain(run)
+        assert "Sentinel quorum OK, 3 replicas linked to the primary" in run.out, run.out[-3000:]
+        grown = {h: tier.view(h)["quorum"] for h in (*REDIS_HOSTS, EXTRA)}
+        assert set(grown.values()) == {3}, grown
+        assert tier.primary() != EXTRA, "the new host is the primary: nothing to test here"
+
+        run = cluster.deploy("-e", f"host={EXTRA}", playbook="playbooks/remove-redis-replica.yml")
+        record_timing("ha lab: remove-redis-replica.yml", run.seconds)
+        assert run.rc == 0, cluster.explain(run)
+        states = cluster.on(EXTRA, "systemctl", "is-active", "redis-sentinel", "redis-server")
+        assert states.stdout.split() == ["inactive", "inactive"], states.stdout
+        hosts = lab.inventory_path.read_text()
+        lab.inventory_path.write_text(re.sub(rf"(?m)^{EXTRA}( .*)?\n", "", hosts))
+        run = cluster.deploy()
+        record_timing("ha lab: deploy after the fourth host left", run.seconds)
+        assert run.rc == 0, cluster.explain(run)
+        assert "Sentinel quorum OK, 2 replicas linked to the primary" in run.out, run.out[-3000:]
+    finally:
+        client.stop.set()
+        client.join(30)
+    views = {h: tier.view(h) for h in REDIS_HOSTS}
+    shrunk = {h: (v["quorum"], v["num-other-sentinels"], v["num-slaves"]) for h, v in views.items()}
+    tally = fleet.finish(batch, sorted(client.accepted), timeout=120)
+    row = report.scenario(
+        "ha-scale", f"HA: {EXTRA} joins (quorum 3 of 4), then leaves by "
+        "remove-redis-replica.yml (quorum 2 of 3), a client submitting", tally,
+        scale_s=round(time.monotonic() - t0, 1), quorum_grown=grown, sentinels_after=shrunk,
+        refused=len(client.refused), refused_kinds=sorted({k for _, k in client.refused}),
+        held_by="the deploy sets each Sentinel's quorum; the playbook stops the host's Sentinel "
+        "and Redis, then resets each other Sentinel, one host at a time")
+    assert not tally.lost, f"accepted but never ran: {tally.lost}"
+    assert set(shrunk.values()) == {(2, 2, 2)}, shrunk
+    row["passed"] = True
