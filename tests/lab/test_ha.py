@@ -223,6 +223,13 @@ def fault_scenario(fleet: Fleet, tier: Tier, report: Report, key: str, title: st
     pause = round(max(b - a for a, b in itertools.pairwise(times)), 1) \
         if len(times) > 1 else None
     after_pid = fleet.service("worker1")
+    restarted = before["MainPID"] != after_pid["MainPID"]
+    if restarted:  # the watchdog's SIGABRT leaves the stuck loop's Python stack in the journal
+        journal = fleet.cluster.on("worker1", "journalctl", "-u", "taskfleet-worker", "--no-pager",
+                                   "-o", "cat", "--since", f"@{int(t0)}").stdout
+        stack = journal[journal.find("Fatal Python error"):][:6000] if \
+            "Fatal Python error" in journal else journal[-3000:]
+        print(f"\n[worker1 restarted during {key}]\n{stack}")
     row = report.scenario(
         key, title, tally, recovery_s=recovery,
         recovery_what="first task submitted after the fault ran (client and worker on the new "
@@ -231,7 +238,7 @@ def fault_scenario(fleet: Fleet, tier: Tier, report: Report, key: str, title: st
         client_gap_s=accepted_gap, longest_pause_s=pause, refused=len(client.refused),
         refused_kinds=sorted({k for _, k in client.refused}),
         rejoined_s=rejoined_s, rejoined_as_replica=rejoined is not None,
-        worker_restarted=before["MainPID"] != after_pid["MainPID"],
+        worker_restarted=restarted,
         held_by="Sentinel promotes a replica (quorum 2 of 3); kombu's Sentinel transport and "
         "Celery's Sentinel result backend find it; heartbeats hand back what the lost "
         "connection held" if failover else "the primary keeps serving; Sentinel drops the "
