@@ -84,6 +84,15 @@ def _ordered(rows: dict[str, dict], order: list[str]) -> list[tuple[str, dict]]:
     return [(k, rows[k]) for k in keys]
 
 
+def _result(row: dict) -> str:
+    """pass or FAIL; a pass that missed the scenario's time target says so."""
+    if not row.get("passed"):
+        return "**FAIL**"
+    if row.get("target_met") is False:
+        return f"pass, **over its {row.get('bound_s')} s target**"
+    return "pass"
+
+
 def _details(key: str, row: dict) -> str:
     """One line of scenario-specific facts from the stored row."""
     facts = []
@@ -182,7 +191,7 @@ def markdown(data: dict, template: str | None = None) -> str:
         faults.append(
             f"| {row.get('title', key)} | {_num(row.get('submitted'))} | {_num(row.get('lost'))}"
             f" | {_num(row.get('duplicated'))} | {rec} | {row.get('held_by', '')} | "
-            f"{'pass' if row.get('passed') else '**FAIL**'}{stale} |")
+            f"{_result(row)}{stale} |")
     details = [f"- **{key}**: {_details(key, row)}"
                for key, row in _ordered(data.get("scenarios", {}), SCENARIOS)]
     security = [f"| {row.get('title', key)} | {row.get('result', '')} | "
