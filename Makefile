@@ -55,18 +55,18 @@ test-integration: venv system-deps
 test-lab: venv system-deps
 	$(BIN)/pytest -q -m lab
 
-# `make test` runs the suite as two pytest sessions side by side: the modules of the shared lab
-# (one lab, deployed once, changed by each module in turn), and beside them everything that
+# `make test` runs the suite as three pytest sessions side by side: the modules of the shared lab
+# (one lab, deployed once, changed by each module in turn), and beside them two sessions of what
 # shares nothing with it: unit, integration (loopback Redis) and the lab modules that boot a
-# small lab of their own. The suite's wall time is the longer of the two, not their sum. Each
-# lab has its own name, subnet and locks.
-OWN_LAB_TESTS := tests/lab/test_lab.py tests/lab/test_holding.py tests/lab/test_ha.py \
-                 tests/lab/test_monitoring.py
-SIDE_TESTS := tests/unit tests/integration $(OWN_LAB_TESTS)
+# small lab of their own, split so that neither outlasts the shared lab's. The suite's wall time
+# is the longest of the three, not their sum. Each lab has its own name, subnet and locks.
+SIDE_TESTS := tests/unit tests/integration tests/lab/test_lab.py tests/lab/test_holding.py
+TIER_TESTS := tests/lab/test_ha.py tests/lab/test_monitoring.py
+OWN_LAB_TESTS := $(filter tests/lab/%,$(SIDE_TESTS) $(TIER_TESTS))
 
 # The lab's base images (about a minute, cold) build while the fast linters run; the slow
 # one (ansible-lint, ~30 s of CPU) runs beside the tests and is reported after them, as is
-# the pytest beside the shared lab's. Any failure fails the target.
+# the pytest sessions beside the shared lab's. Any failure fails the target.
 test: venv system-deps
 	@mkdir -p .cache
 	@if [ "$$(id -u)" = 0 ]; then \
@@ -80,11 +80,14 @@ test: venv system-deps
 	$(BIN)/ansible-lint > .cache/ansible-lint.log 2>&1 & alint=$$!; \
 	echo "+ $(BIN)/pytest -p no:cacheprovider $(SIDE_TESTS)  # in the background: .cache/side-tests.log"; \
 	$(BIN)/pytest -p no:cacheprovider $(SIDE_TESTS) > .cache/side-tests.log 2>&1 & side=$$!; \
+	echo "+ $(BIN)/pytest -p no:cacheprovider $(TIER_TESTS)  # in the background: .cache/tier-tests.log"; \
+	$(BIN)/pytest -p no:cacheprovider $(TIER_TESTS) > .cache/tier-tests.log 2>&1 & tier=$$!; \
 	echo "+ $(BIN)/pytest tests/lab $(addprefix --ignore=,$(OWN_LAB_TESTS))"; \
 	$(BIN)/pytest tests/lab $(addprefix --ignore=,$(OWN_LAB_TESTS)); tests=$$?; \
-	wait $$side; side_rc=$$?; echo "+ pytest beside it (exit $$side_rc)"; cat .cache/side-tests.log; \
+	wait $$side; side_rc=$$?; echo "+ pytest $(SIDE_TESTS) (exit $$side_rc)"; cat .cache/side-tests.log; \
+	wait $$tier; tier_rc=$$?; echo "+ pytest $(TIER_TESTS) (exit $$tier_rc)"; cat .cache/tier-tests.log; \
 	wait $$alint; alint_rc=$$?; echo "+ ansible-lint (exit $$alint_rc)"; cat .cache/ansible-lint.log; \
-	[ $$tests -eq 0 ] && [ $$side_rc -eq 0 ] && [ $$alint_rc -eq 0 ]
+	[ $$tests -eq 0 ] && [ $$side_rc -eq 0 ] && [ $$tier_rc -eq 0 ] && [ $$alint_rc -eq 0 ]
 
 demo: venv system-deps
 	$(LAB) up --redis 1 --workers 2 --clients 1
