@@ -78,6 +78,7 @@ test: venv system-deps
 	[ $$lint -eq 0 ] && [ $$images -eq 0 ]
 	@echo "+ $(BIN)/ansible-lint  # in the background: .cache/ansible-lint.log"; \
 	$(BIN)/ansible-lint > .cache/ansible-lint.log 2>&1 & alint=$$!; \
+	export TASKFLEET_TEST_RUN="$$(date -u '+%Y-%m-%d %H:%M:%S UTC')"; \
 	echo "+ $(BIN)/pytest -p no:cacheprovider $(SIDE_TESTS)  # in the background: .cache/side-tests.log"; \
 	$(BIN)/pytest -p no:cacheprovider $(SIDE_TESTS) > .cache/side-tests.log 2>&1 & side=$$!; \
 	echo "+ $(BIN)/pytest -p no:cacheprovider $(TIER_TESTS)  # in the background: .cache/tier-tests.log"; \

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -58,7 +59,9 @@ def save(scenarios: dict[str, dict], security: dict[str, dict], settings: dict[s
     """Merge this run's rows into the results file (rows of tests not run are kept, marked
     with the run they came from). The settings heading the page are this run's when `head`
     (the shared lab's run) or when none are stored yet."""
-    now = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    # One stamp for every session of one `make test` (it sets TASKFLEET_TEST_RUN), so the rows
+    # a side session saved earlier are not shown as left over from an older run.
+    now = os.environ.get("TASKFLEET_TEST_RUN") or time.strftime("%Y-%m-%d %H:%M:%S %Z")
     with locked(path):
         old = json.loads(path.read_text()) if path.exists() else {}
         if not head and old.get("settings"):
