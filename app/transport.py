@@ -26,20 +26,33 @@ records) keeps working unchanged on the same index, and a stamped message never 
 The solo pool runs a task inside the event loop, so its stamps come from a thread instead.
 With TASKFLEET_HEARTBEAT_INTERVAL=0 this is kombu's transport as shipped (for comparison).
 
-Also: kombu takes a message (BRPOP) and records it in a second round trip; if Redis dies in
-between, the record is retried until Redis is back instead of dropping a message that the
-restarted Redis has nowhere (docs/RELIABILITY.md). A record made while the channel closes is
-written on a connection of its own (kombu#582).
+Taking a message (heartbeats on): kombu pops it with BRPOP and records it in a second round
+trip, so a message whose BRPOP reply never reached the worker -- Redis killed after the pop,
+or the worker dropping a connection with the reply still unread -- was in no list at all. Here
+one script (TAKE) pops the message and records it, with its owner, in the same step: whatever
+happens to the reply, the message is in `unacked`, and if its holder never delivers it, it is
+never stamped and goes back after DEAD_AFTER. An idle worker waits with
+`BLMOVE key key RIGHT RIGHT`, which blocks until the list has a message and leaves it where it
+is, then takes it with the script. BLMOVE watches one list: the first of the worker's queues
+(highest priority). Its other queues and priorities are looked at every brpop_timeout (1 s),
+so there a message for an idle worker may wait up to a second. A queue consumed without acks
+(a client's reply queue) keeps kombu's BRPOP.
+
+With kombu's BRPOP (heartbeats off), a record that fails because Redis died after the pop is
+retried until Redis is back. A record made while the channel closes is written on a connection
+of its own (kombu#582).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Iterable
+from queue import Empty
 from typing import Any
 
 import redis
@@ -66,6 +79,33 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 return 1
 """
+# KEYS: unacked_index, unacked, unacked_owner, then the queue lists, highest priority first.
+# ARGV: owner ('' for none). Pops the first message and records it as kombu's QoS would
+# ([payload, exchange, routing_key] under its delivery tag), stamped by Redis's clock.
+# Returns {list, payload, tag}, tag '' if the payload has none (kombu records it then), or nil.
+TAKE = """
+for i = 4, #KEYS do
+  local payload = redis.call('RPOP', KEYS[i])
+  if payload then
+    local ok, message = pcall(cjson.decode, payload)
+    local props = ok and type(message) == 'table' and message.properties
+    local tag = type(props) == 'table' and props.delivery_tag
+    local info = type(props) == 'table' and props.delivery_info
+    if type(tag) ~= 'string' or type(info) ~= 'table' or info.exchange == nil
+        or info.routing_key == nil then
+      return {KEYS[i], payload, ''}
+    end
+    local t = redis.call('TIME')
+    redis.call('ZADD', KEYS[1], t[1] + t[2] / 1000000, tag)
+    redis.call('HSET', KEYS[2], tag, '[' .. payload .. ',' .. cjson.encode(info.exchange) ..
+               ',' .. cjson.encode(info.routing_key) .. ']')
+    if ARGV[1] ~= '' then redis.call('HSET', KEYS[3], tag, ARGV[1]) end
+    return {KEYS[i], payload, tag}
+  end
+end
+return false
+"""
+TAKE_SHA = hashlib.sha1(TAKE.encode(), usedforsecurity=False).hexdigest()  # Redis's script id
 # KEYS: unacked_index. ARGV: tags. Only tags still recorded are touched (XX).
 RESTAMP = """
 local t = redis.call('TIME')
@@ -108,6 +148,11 @@ class QoS(kombu_redis.QoS):
         return bool(self.channel.connection.heartbeating)
 
     def append(self, message: Any, delivery_tag: Any) -> None:
+        if delivery_tag in self.channel.taken:  # TAKE recorded it already
+            self.channel.taken.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)
+            return
+
         def record() -> None:
             try:
                 with self.channel.conn_or_acquire() as client:
@@ -215,6 +260,67 @@ class Channel(kombu_redis.Channel):
         super().__init__(*args, **kwargs)
         # Plain (not event-loop) connection settings, kept while the connection is open.
         self.record_params = self._connparams(asynchronous=False)
+        self.taken: set[str] = set()  # tags TAKE recorded, until kombu's QoS.append sees them
+        self._no_ack_queues: set[str] = set()
+        self._sent: str | None = None  # the command whose reply the poller waits for
+        self._take_next = True  # False after a TAKE found nothing: wait (BLMOVE) first
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        no_ack = kwargs.get("no_ack", args[0] if args else False)
+        (self._no_ack_queues.add if no_ack else self._no_ack_queues.discard)(queue)
+        return super().basic_consume(queue, *args, **kwargs)
+
+    def _takes(self, queues: list[str]) -> bool:
+        """Take with TAKE/BLMOVE (not BRPOP) from these queues?"""
+        return bool(self.connection.heartbeat_interval) and not self.global_keyprefix \
+            and not self._no_ack_queues.intersection(queues)
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues or not self._takes(queues):
+            self._sent = None
+            return super()._brpop_start(timeout)
+        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        if self._take_next:
+            owner = self.connection.owner if self.connection.heartbeating else ""
+            command = ["EVALSHA", TAKE_SHA, 3 + len(keys), self.qos.unacked_index_key,
+                       self.qos.unacked_key, OWNER_KEY, *keys, owner]
+        else:
+            wait = self.brpop_timeout if timeout is None else timeout
+            command = ["BLMOVE", keys[0], keys[0], "RIGHT", "RIGHT", wait or 0]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu: None
+        self._sent = command[0]
+        self.client.connection.send_command(*command)
+
+    def _brpop_read(self, **options: Any) -> Any:
+        sent, self._sent = self._sent, None
+        if sent is None:
+            return super()._brpop_read(**options)
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, sent, **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # reconnects on the next round
+                raise
+            except redis.exceptions.NoScriptError:  # a restarted Redis: load TAKE again
+                with self.conn_or_acquire() as client:
+                    client.script_load(TAKE)
+                self._take_next = True
+                raise Empty() from None
+            self._take_next = bool(reply) or sent == "BLMOVE"
+            if sent == "BLMOVE" or not reply:
+                raise Empty()  # woken (or timed out): TAKE on the next round
+            key, item, tag = (bytes_to_str(part) for part in reply)
+            if tag:
+                self.taken.add(tag)
+            queue = key.rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(queue)
+            self.connection._deliver(loads(item), queue)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]  # kombu declares it False
+            self._flush_brpop_reauth()
 
 
 class Transport(kombu_redis.Transport):
