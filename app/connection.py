@@ -25,6 +25,7 @@ PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = (0, 3, 6, 9)
 UNACKED_KEY = "unacked"  # hash of delivered, not yet acknowledged messages (Channel.unacked_key)
 OWNER_KEY = "unacked_owner"  # hash: delivery tag -> the host:pid that holds it (transport.py)
+TAKING_PREFIX = "taskfleet:taking:"  # + queue: messages an idle worker was woken for (transport)
 UNACKED_INDEX_KEY = "unacked_index"  # their tags, scored by the last stamp (unacked_index_key)
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 T = TypeVar("T")
@@ -110,9 +111,10 @@ def check(url: str, variable: str, timeout: float) -> None:
 
 
 def queue_keys(queues: list[str]) -> list[tuple[str, str]]:
-    """(queue, Redis list) for each queue's list and its priority sub-lists."""
+    """(queue, Redis list) for each queue's list, its priority sub-lists and its staging list
+    (where a message waits, for a moment, between an idle worker's wake-up and its take)."""
     return [(q, q if step == 0 else f"{q}{PRIORITY_SEP}{step}")
-            for q in queues for step in PRIORITY_STEPS]
+            for q in queues for step in PRIORITY_STEPS] + [(q, TAKING_PREFIX + q) for q in queues]
 
 
 def queue_depths(url: str, queues: list[str], timeout: float) -> dict[str, int]:

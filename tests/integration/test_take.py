@@ -50,14 +50,16 @@ def publish(url: str, queue: str, bodies: list[dict], priority: int | None = Non
                              serializer="json", priority=priority)
 
 
-def take_and_drop_the_reply(url: str, queue: str, transport_options: dict) -> str:
-    """Send one take for `queue`, then drop the connection without reading the reply;
-    return the owner this connection records."""
+def take_and_drop_the_reply(url: str, queue: str, transport_options: dict,
+                            idle: bool = False) -> str:
+    """Send one take for `queue` (idle: the wait of a worker that found nothing), then drop
+    the connection without reading the reply; return the owner this connection records."""
     with Connection(url, transport=TRANSPORT, transport_options=transport_options) as conn:
         channel = conn.default_channel
         # A worker loads TAKE on its first NOSCRIPT reply; here that reply would be dropped.
         channel.client.script_load(TAKE)
         conn.transport.heartbeating = True  # as once a worker's event loop runs
+        channel._take_next = not idle
         channel.basic_consume(queue, no_ack=False, callback=lambda m: None, consumer_tag="t")
         conn.transport.cycle._register_BRPOP(channel)  # what kombu's poller does: sends it
         time.sleep(0.2)  # Redis has run the command and written its reply
@@ -93,6 +95,32 @@ def test_a_take_whose_reply_never_arrives_is_recorded_and_comes_back(broker: Red
 
         wait_for(returned, dead_after + 10, "the dropped take to be handed back", 0.5)
     assert admin.hlen("unacked") == 0 and admin.hlen("unacked_owner") == 0
+
+
+def test_an_idle_workers_wake_up_whose_reply_never_arrives_is_taken_by_the_next(
+        broker: RedisServer):
+    """An idle worker waits with BLMOVE into the queue's staging list; if that reply never
+    arrives, the next take of any worker of the queue takes the staged message first."""
+    url, admin = broker.url(DB), broker.admin(DB)
+    publish(url, "idleq", [{"n": n} for n in range(3)])
+    take_and_drop_the_reply(url, "idleq", options(url), idle=True)
+    assert admin.llen("idleq") == 2 and admin.llen("taskfleet:taking:idleq") == 1
+    got: list[int] = []
+    with Connection(url, transport=TRANSPORT, transport_options=options(url)) as conn:
+        conn.transport.heartbeating = True
+
+        def on_message(body: dict, message) -> None:
+            got.append(body["n"])
+            message.ack()
+
+        with Consumer(conn, [Queue("idleq", Exchange("idleq"), "idleq")],
+                      callbacks=[on_message], accept=["json"]):
+            deadline = time.monotonic() + 20
+            while len(got) < 3 and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=1)
+    assert got == [0, 1, 2], "each message once, oldest (the staged one) first"
+    assert admin.llen("taskfleet:taking:idleq") == 0 and admin.hlen("unacked") == 0
 
 
 def test_with_kombus_brpop_the_same_dropped_reply_loses_the_message(broker: RedisServer):
