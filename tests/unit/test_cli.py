@@ -272,3 +272,42 @@ def test_failure_text_is_one_line_with_the_exception():
         "task abc: TypeError: unsupported operand type(s) for +: 'int' and 'str'")
     assert submit.failure_text("abc", {"status": "REVOKED", "result": None}) == \
         "task abc: REVOKED: None"
+
+
+def lost(message: str) -> RuntimeError:
+    """What Celery's Redis result listener raises when it cannot reconnect."""
+    import redis
+
+    try:
+        try:
+            raise redis.ConnectionError(message)
+        except redis.ConnectionError as exc:
+            raise RuntimeError("\nRetry limit exceeded while trying to reconnect to the "
+                               "Celery result store\nbackend.\n") from exc
+    except RuntimeError as exc:
+        return exc
+
+
+def test_lost_connection_is_found_through_the_causes():
+    from kombu.exceptions import OperationalError
+
+    from app.connection import lost_connection
+
+    exc = lost("Error 111 connecting to h:6379. Connection refused.")
+    assert str(lost_connection(exc)) == "Error 111 connecting to h:6379. Connection refused."
+    refused = OperationalError("Error 111")
+    assert lost_connection(refused) is refused
+    assert lost_connection(RuntimeError("something else")) is None
+    assert lost_connection(ValueError("bad")) is None
+
+
+def test_redis_lost_during_a_command_is_one_line(run, monkeypatch):
+    def fail(args):
+        raise lost("Error 111 connecting to h:6379. Connection refused, password unit-secret.")
+
+    monkeypatch.setattr(submit.Submit, "run", staticmethod(fail))
+    code, out, err = run("submit", "add", "1", "2")
+    assert (code, out) == (1, "")
+    assert err == ("taskfleet: error: Redis failed during the command: Error 111 connecting to "
+                   "h:6379. Connection refused, password ***.\n")
+
