@@ -58,6 +58,11 @@ def celery_app() -> Celery:
 
     # Workers wait for the result backend as long as it takes; a person at a prompt does not.
     tasks.app.conf.result_backend_max_retries = 10
+    # The result listener tries to reconnect once, then raises: `submit` waits for Redis
+    # itself, bounded and saying so (submit.RideOut), not in Celery's 20 silent 1 s retries.
+    options = tasks.app.conf.result_backend_transport_options or {}
+    tasks.app.conf.result_backend_transport_options = {
+        **options, "retry_policy": {"max_retries": 0}}
     return tasks.app
 
 
