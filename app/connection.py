@@ -70,6 +70,23 @@ def retry_until_back(call: Callable[[], T], patience: float,
     return Retry(backoff, -1, errors).call_with_retry(call, fail)  # type: ignore[arg-type]
 
 
+def lost_connection(exc: BaseException) -> BaseException | None:
+    """The lost or refused connection to Redis behind `exc` (itself or one of its causes), or
+    None when `exc` is about something else.
+
+    Through the causes: kombu raises OperationalError from the redis-py error, and Celery's
+    result listener RuntimeError ("Retry limit exceeded ...") from it when it cannot reconnect.
+    """
+    from kombu.exceptions import OperationalError
+
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, (*REDIS_DOWN, OperationalError, OSError)):
+            return cause
+        cause = cause.__cause__
+    return None
+
+
 def scrub(text: str, url: str) -> str:
     """Remove the URL's password from an error text, should a library have echoed it."""
     password = urlsplit(url).password
