@@ -58,6 +58,11 @@ def celery_app() -> Celery:
 
     # Workers wait for the result backend as long as it takes; a person at a prompt does not.
     tasks.app.conf.result_backend_max_retries = 10
+    # The result listener tries to reconnect once, then raises: `submit` waits for Redis
+    # itself, bounded and saying so (submit.RideOut), not in Celery's 20 silent 1 s retries.
+    options = tasks.app.conf.result_backend_transport_options or {}
+    tasks.app.conf.result_backend_transport_options = {
+        **options, "retry_policy": {"max_retries": 0}}
     return tasks.app
 
 
@@ -197,16 +202,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        # Connection lost half-way (kombu OperationalError, redis errors, OSError): one line,
-        # with any password scrubbed, instead of a traceback.
+        # Connection lost half-way (kombu OperationalError, redis errors, OSError, Celery's
+        # RuntimeError from a result listener that could not reconnect): one line, with any
+        # password scrubbed, instead of a traceback.
         from kombu.exceptions import KombuError
         from redis import RedisError
 
-        if not isinstance(exc, KombuError | RedisError | OSError):
-            raise
-        from .connection import scrub
+        from .connection import lost_connection, scrub
 
+        shown = exc if isinstance(exc, KombuError | RedisError | OSError) \
+            else lost_connection(exc)
+        if shown is None:
+            raise
         url = get_settings().broker_url
-        print(f"{PROG}: error: Redis failed during the command: "
-              f"{scrub(str(exc) or type(exc).__name__, url)}", file=sys.stderr)
+        text = " ".join((str(shown) or type(shown).__name__).split())
+        print(f"{PROG}: error: Redis failed during the command: {scrub(text, url)}",
+              file=sys.stderr)
         return EXIT_FAIL

@@ -354,6 +354,8 @@ def celery_settings(s: Settings) -> dict[str, Any]:
             "taskfleet_dead_after": s.dead_after,
             # The solo pool runs tasks inside the event loop: heartbeats from a thread.
             "taskfleet_heartbeat_thread": s.worker_pool == "solo",
+            # An idle worker blocks on this queue (app/transport.py); work arrives there.
+            "taskfleet_wait_queue": s.default_queue,
             "unacked_restore_interval": restore_interval(s),
             "unacked_restore_throttle": 1,
             # The sweep holds a lock key (SET NX with this expiry) for a few milliseconds. kombu's

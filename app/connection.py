@@ -27,6 +27,7 @@ PRIORITY_STEPS = (0, 3, 6, 9)
 SENTINEL_PORT = 26379
 UNACKED_KEY = "unacked"  # hash of delivered, not yet acknowledged messages (Channel.unacked_key)
 OWNER_KEY = "unacked_owner"  # hash: delivery tag -> the host:pid that holds it (transport.py)
+TAKING_PREFIX = "taskfleet:taking:"  # + queue: messages an idle worker was woken for (transport)
 UNACKED_INDEX_KEY = "unacked_index"  # their tags, scored by the last stamp (unacked_index_key)
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 T = TypeVar("T")
@@ -94,6 +95,23 @@ def retry_until_back(call: Callable[[], T], patience: float,
     return Retry(backoff, -1, errors).call_with_retry(call, fail)  # type: ignore[arg-type]
 
 
+def lost_connection(exc: BaseException) -> BaseException | None:
+    """The lost or refused connection to Redis behind `exc` (itself or one of its causes), or
+    None when `exc` is about something else.
+
+    Through the causes: kombu raises OperationalError from the redis-py error, and Celery's
+    result listener RuntimeError ("Retry limit exceeded ...") from it when it cannot reconnect.
+    """
+    from kombu.exceptions import OperationalError
+
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, (*REDIS_DOWN, OperationalError, OSError)):
+            return cause
+        cause = cause.__cause__
+    return None
+
+
 def scrub(text: str, url: str) -> str:
     """Remove the URL's password (each one of a Sentinel list) from an error text, should a
     library have echoed it."""
@@ -145,9 +163,10 @@ def check(url: str, variable: str, timeout: float, master: str | None = None,
 
 
 def queue_keys(queues: list[str]) -> list[tuple[str, str]]:
-    """(queue, Redis list) for each queue's list and its priority sub-lists."""
+    """(queue, Redis list) for each queue's list, its priority sub-lists and its staging list
+    (where a message waits, for a moment, between an idle worker's wake-up and its take)."""
     return [(q, q if step == 0 else f"{q}{PRIORITY_SEP}{step}")
-            for q in queues for step in PRIORITY_STEPS]
+            for q in queues for step in PRIORITY_STEPS] + [(q, TAKING_PREFIX + q) for q in queues]
 
 
 def queue_depths(url: str, queues: list[str], timeout: float,

@@ -9,6 +9,10 @@ What Redis took is known per batch: `flush()` returns once Redis answered. If a 
 (Redis went away), kombu cannot tell how much of that pipeline ran, so its tasks are
 "uncertain": they may or may not be queued. Every Taskfleet task is safe to run twice, so
 resubmitting them is the fix; the CLI says how many there are.
+
+After a failure the producer is given back to the pool and the next send takes it again: kombu
+leaves the producer on a closed channel when its own retries give up, and taking it from the
+pool revives it on the connection, which reconnects (once Redis is back).
 """
 
 from __future__ import annotations
@@ -52,8 +56,15 @@ class BatchPublisher:
         self._producer: Any = None
 
     def __enter__(self) -> BatchPublisher:
-        self._producer = self._stack.enter_context(self.app.producer_or_acquire())
+        self._acquire()
         return self
+
+    def _acquire(self) -> None:
+        """Take a producer from the pool (again, after a failure gave the last one back)."""
+        self._stack.close()
+        self._stack = contextlib.ExitStack()
+        self._declared.clear()
+        self._producer = self._stack.enter_context(self.app.producer_or_acquire())
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -70,9 +81,16 @@ class BatchPublisher:
         """Buffer one task (apply_async options allowed); flush when the batch is full.
 
         Raises PublishFailed when Redis refused it (size 1) or a flush failed; the publisher
-        stays usable (the next send starts a new batch on a fresh pipeline).
+        stays usable (the next send starts a new batch on a fresh pipeline, with the producer
+        taken from the pool again). PublishFailed with `uncertain` 0: no producer could be had
+        (Redis still away), this task was not sent.
         """
         queue = queue or self.app.conf.task_default_queue
+        if self._producer is None:
+            try:
+                self._acquire()
+            except Exception as exc:
+                raise PublishFailed(0, exc) from exc
         try:
             if queue not in self._declared:
                 # Celery re-checks the queue on every publish by default; once per burst does.
@@ -103,6 +121,7 @@ class BatchPublisher:
                 batch.__exit__(None, None, None)
             except Exception as exc:
                 self.unconfirmed.extend(pending)
+                self._producer = None  # taken again by the next send
                 raise PublishFailed(len(pending), exc) from exc
         self.accepted.extend(pending)
 
@@ -111,6 +130,7 @@ class BatchPublisher:
         batch, self._batch = self._batch, None
         self.unconfirmed.extend(self._pending)
         self._pending = []
+        self._producer = None  # taken again by the next send
         if batch is not None:
             with contextlib.suppress(Exception):
                 batch.__exit__(type(exc), exc, exc.__traceback__)

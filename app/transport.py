@@ -28,21 +28,38 @@ With TASKFLEET_HEARTBEAT_INTERVAL=0 this is kombu's transport as shipped (for co
 SentinelTransport is the same for Redis behind Sentinel (sentinel:// URLs): kombu's
 SentinelChannel finds the primary, this module's QoS keeps the heartbeats.
 
-Also: kombu takes a message (BRPOP) and records it in a second round trip; if Redis dies in
-between, the record is retried until Redis is back instead of dropping a message that the
-restarted Redis has nowhere (docs/RELIABILITY.md). A record made while the channel closes is
-written on a connection of its own (kombu#582).
+Taking a message (heartbeats on): kombu pops it with BRPOP and records it in a second round
+trip, so a message whose BRPOP reply never reached the worker -- Redis killed after the pop,
+or the worker dropping a connection with the reply still unread -- was in no list at all. Here
+one script (TAKE) pops the message and records it, with its owner, in the same step: whatever
+happens to the reply, the message is in `unacked`, and if its holder never delivers it, it is
+never stamped and goes back after DEAD_AFTER. An idle worker waits with
+`BLMOVE queue taskfleet:taking:<queue> RIGHT LEFT`: like BRPOP, Redis hands each new message to
+exactly one waiting worker, but it moves the message into a staging list instead of out of
+Redis. TAKE takes from the staging lists first, so the woken worker's next TAKE -- or any
+other worker's of that queue, if its reply never arrives -- records and delivers it. BLMOVE
+watches one list: the queue of the worker's last message (at first the default queue,
+taskfleet_wait_queue), priority 0. A worker of several queues wakes every 0.2 s to look at
+the others (every Taskfleet worker also consumes its host queue), one of a single queue every
+brpop_timeout (1 s) for its other priorities: there a message for an idle worker may wait
+that long. A queue consumed without acks (a client's reply queue) keeps kombu's BRPOP.
+
+With kombu's BRPOP (heartbeats off), a record that fails because Redis died after the pop is
+retried until Redis is back. A record made while the channel closes is written on a connection
+of its own (kombu#582).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Iterable
+from queue import Empty
 from typing import Any
 
 import redis
@@ -51,15 +68,17 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from .connection import OWNER_KEY, retry_until_back
+from .connection import OWNER_KEY, TAKING_PREFIX, retry_until_back
 from .systemd import watchdog_ping
 
 log = logging.getLogger(__name__)
 RECORD_PATIENCE = 60.0  # seconds; Redis under systemd (Restart=always) is back well before
 STAMP_CHUNK = 500  # tags per re-stamp call
 SWEEP_LIMIT = 1000  # candidates per sweep
+MULTI_QUEUE_WAIT = 0.2  # seconds an idle worker of several queues blocks on the first one
 # Transport options this transport reads (app/config.py sets them), beside kombu's own.
-OPTIONS = ("taskfleet_heartbeat_interval", "taskfleet_dead_after", "taskfleet_heartbeat_thread")
+OPTIONS = ("taskfleet_heartbeat_interval", "taskfleet_dead_after", "taskfleet_heartbeat_thread",
+           "taskfleet_wait_queue")
 
 # KEYS: unacked_index, unacked, unacked_owner. ARGV: tag, record, owner.
 RECORD = """
@@ -69,6 +88,41 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 return 1
 """
+# KEYS: unacked_index, unacked, unacked_owner, then the staging list of each of the Q queues
+# (taskfleet:taking:<queue>), then the queue lists, highest priority first (the first Q are
+# the queues' priority-0 lists, in the same order). ARGV: owner ('' for none), Q.
+# Pops the oldest staged message, else the first queued one, and records it as kombu's QoS
+# would ([payload, exchange, routing_key] under its delivery tag), stamped by Redis's clock.
+# Returns {list, payload, tag} (tag '' if the payload has none: kombu records it then), or nil.
+TAKE = """
+local q = tonumber(ARGV[2])
+local function record(key, payload)
+  local ok, message = pcall(cjson.decode, payload)
+  local props = ok and type(message) == 'table' and message.properties
+  local tag = type(props) == 'table' and props.delivery_tag
+  local info = type(props) == 'table' and props.delivery_info
+  if type(tag) ~= 'string' or type(info) ~= 'table' or info.exchange == nil
+      or info.routing_key == nil then
+    return {key, payload, ''}
+  end
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[1], t[1] + t[2] / 1000000, tag)
+  redis.call('HSET', KEYS[2], tag, '[' .. payload .. ',' .. cjson.encode(info.exchange) ..
+             ',' .. cjson.encode(info.routing_key) .. ']')
+  if ARGV[1] ~= '' then redis.call('HSET', KEYS[3], tag, ARGV[1]) end
+  return {key, payload, tag}
+end
+for j = 1, q do
+  local payload = redis.call('RPOP', KEYS[3 + j])
+  if payload then return record(KEYS[3 + q + j], payload) end
+end
+for i = 4 + q, #KEYS do
+  local payload = redis.call('RPOP', KEYS[i])
+  if payload then return record(KEYS[i], payload) end
+end
+return false
+"""
+TAKE_SHA = hashlib.sha1(TAKE.encode(), usedforsecurity=False).hexdigest()  # Redis's script id
 # KEYS: unacked_index. ARGV: tags. Only tags still recorded are touched (XX).
 RESTAMP = """
 local t = redis.call('TIME')
@@ -111,6 +165,11 @@ class QoS(kombu_redis.QoS):
         return bool(self.channel.connection.heartbeating)
 
     def append(self, message: Any, delivery_tag: Any) -> None:
+        if delivery_tag in self.channel.taken:  # TAKE recorded it already
+            self.channel.taken.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)
+            return
+
         def record() -> None:
             try:
                 with self.channel.conn_or_acquire() as client:
@@ -218,6 +277,83 @@ class Channel(kombu_redis.Channel):
         super().__init__(*args, **kwargs)
         # Plain (not event-loop) connection settings, kept while the connection is open.
         self.record_params = self._connparams(asynchronous=False)
+        self.taken: set[str] = set()  # tags TAKE recorded, until kombu's QoS.append sees them
+        self._no_ack_queues: set[str] = set()
+        self._sent: str | None = None  # the command whose reply the poller waits for
+        self._take_next = True  # False after a TAKE found nothing: wait (BLMOVE) first
+        self._wait_queue = ""  # the queue of the last message taken: where to wait
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        no_ack = kwargs.get("no_ack", args[0] if args else False)
+        (self._no_ack_queues.add if no_ack else self._no_ack_queues.discard)(queue)
+        return super().basic_consume(queue, *args, **kwargs)
+
+    def _takes(self, queues: list[str]) -> bool:
+        """Take with TAKE/BLMOVE (not BRPOP) from these queues?"""
+        return bool(self.connection.heartbeat_interval) and not self.global_keyprefix \
+            and not self._no_ack_queues.intersection(queues)
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues or not self._takes(queues):
+            self._sent = None
+            return super()._brpop_start(timeout)
+        if self._take_next:
+            keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps
+                    for queue in queues]
+            owner = self.connection.owner if self.connection.heartbeating else ""
+            command = ["EVALSHA", TAKE_SHA, 3 + len(queues) + len(keys),
+                       self.qos.unacked_index_key, self.qos.unacked_key, OWNER_KEY,
+                       *(TAKING_PREFIX + queue for queue in queues), *keys, owner, len(queues)]
+        else:
+            # Block on the queue of the last message taken (at first the default queue, where
+            # work arrives); with several queues, wake often enough to look at the others.
+            wait = self.brpop_timeout if timeout is None else timeout
+            if len(queues) > 1:
+                wait = min(wait or MULTI_QUEUE_WAIT, MULTI_QUEUE_WAIT)
+            queue = self._wait_queue if self._wait_queue in queues else \
+                self.connection.wait_queue if self.connection.wait_queue in queues else queues[0]
+            command = ["BLMOVE", queue, TAKING_PREFIX + queue, "RIGHT", "LEFT", wait or 0]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu: None
+        self._sent = command[0]
+        self.client.connection.send_command(*command)
+
+    def _poll_error(self, type: str, **options: Any) -> Any:
+        # kombu reads and drops the pending reply; a TAKE's reply carries a message.
+        if type == "BRPOP" and self._sent is not None:
+            return self._brpop_read(**options)
+        return super()._poll_error(type, **options)
+
+    def _brpop_read(self, **options: Any) -> Any:
+        sent, self._sent = self._sent, None
+        if sent is None:
+            return super()._brpop_read(**options)
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, sent, **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # reconnects on the next round
+                raise
+            except redis.exceptions.NoScriptError:  # a restarted Redis: load TAKE again
+                with self.conn_or_acquire() as client:
+                    client.script_load(TAKE)
+                self._take_next = True
+                raise Empty() from None
+            self._take_next = bool(reply) or sent == "BLMOVE"
+            if sent == "BLMOVE" or not reply:
+                raise Empty()  # woken (or timed out): TAKE on the next round
+            key, item, tag = (bytes_to_str(part) for part in reply)
+            if tag:
+                self.taken.add(tag)
+            queue = key.rsplit(self.sep, 1)[0]
+            self._wait_queue = queue
+            self._queue_cycle.rotate(queue)
+            self.connection._deliver(loads(item), queue)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]  # kombu declares it False
+            self._flush_brpop_reauth()
 
     def standalone_client(self) -> redis.Redis:
         """A client on a pool of its own, for a record made while the channel closes."""
@@ -274,6 +410,7 @@ class Transport(kombu_redis.Transport):
         self.dead_after = float(options.get("taskfleet_dead_after") or 0) \
             if self.heartbeat_interval else 0.0
         self.beat_in_thread = bool(options.get("taskfleet_heartbeat_thread"))
+        self.wait_queue = str(options.get("taskfleet_wait_queue") or "")
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.heartbeating = False  # set once stamps run; records before that have no owner
         self._scripts: dict[str, Any] = {}

@@ -138,9 +138,10 @@ def test_worker_counts_successes_failures_and_run_times(monitored):
     with pytest.raises(TypeError):
         failing.get(timeout=15)
 
-    def counted():
+    def counted():  # each counter of a task is its own write: wait for all of them
         now = scrape_worker(monitored.env)
-        return now if now.get(runs, 0) - before.get(runs, 0) >= 7 else None
+        grown = [now.get(k, 0) - before.get(k, 0) for k in (runs, ok, bad)]
+        return now if grown[0] >= 7 and grown[1] + grown[2] >= 7 else None
 
     after = wait_for(counted, 10, "the worker's counters")
     assert after[ok] - before.get(ok, 0) == 6, after

@@ -2,9 +2,10 @@
 
 kombu's Redis transport takes a message with BRPOP and only then records it as unacked
 (ZADD + HSET). A Redis crash between the two used to lose that message: it was popped (and
-the pop is in the AOF), but recorded nowhere. app/transport.py retries the record until
-Redis is back. This test kills a real redis-server (AOF on) several times while two workers
-take hundreds of tasks a second, restarts it on the same files, and checks the ledger.
+the pop is in the AOF), but recorded nowhere. app/transport.py pops and records in one script
+(TAKE), so a reply that never arrives loses nothing. This test kills a real redis-server (AOF
+on) several times while two workers take hundreds of tasks a second, restarts it on the
+same files, and checks the ledger.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import types
+from typing import ClassVar
 
 import pytest
 
@@ -221,12 +222,44 @@ class FakeApp:
     conf = types.SimpleNamespace(broker_url="redis://u:pw@h/0", task_default_queue="celery")
     amqp = types.SimpleNamespace(queues={"celery": "celery-queue"})
 
-    def __init__(self, fail_flushes: set[int] = frozenset()) -> None:
+    def __init__(self, fail_flushes: set[int] = frozenset(),
+                 fail_acquires: set[int] = frozenset()) -> None:
         self.producer = FakeProducer(set(fail_flushes))
+        self.acquired, self.released, self.fail_acquires = 0, 0, set(fail_acquires)
 
     @contextlib.contextmanager
     def producer_or_acquire(self):
-        yield self.producer
+        self.acquired += 1
+        if self.acquired in self.fail_acquires:
+            raise ConnectionError("Error 111 connecting to h:6379. Connection refused.")
+        try:
+            yield self.producer
+        finally:
+            self.released += 1
+
+
+class FakeRideOut:
+    """Stands in for submit.RideOut: Redis answers again at once, or (back=False) never."""
+
+    back = True
+    waits: ClassVar[list[BaseException]] = []  # every wait() of the test (the fixture resets it)
+
+    def __init__(self, app, patience: float = 30.0) -> None:
+        self.gave_up = ""
+
+    def wait(self, exc: BaseException, deadline: float | None = None) -> bool:
+        FakeRideOut.waits.append(exc)
+        if not self.back:
+            self.gave_up = "Redis unavailable for 30 s (Connection refused)"
+        return self.back
+
+
+@pytest.fixture
+def ride(monkeypatch):
+    """submit.RideOut replaced: these tests never reach Redis."""
+    monkeypatch.setattr(FakeRideOut, "waits", [])
+    monkeypatch.setattr(submit, "RideOut", FakeRideOut)
+    return FakeRideOut
 
 
 def batch(task: FlakyTask, count: int, size: int = 1, app: FakeApp | None = None) -> int:
@@ -234,7 +267,7 @@ def batch(task: FlakyTask, count: int, size: int = 1, app: FakeApp | None = None
     return submit.Submit.many(app or FakeApp(), task, [], {}, "celery", args)  # type: ignore[arg-type]
 
 
-def test_batch_counts_failed_submissions(capsys):
+def test_batch_counts_failed_submissions(capsys, ride):
     task = FlakyTask({2, 4})
     assert batch(task, 5) == 1
     assert len(task.producers) == 1
@@ -245,7 +278,7 @@ def test_batch_counts_failed_submissions(capsys):
                    "Connection reset by peer\n")
 
 
-def test_batch_stops_after_ten_failures_in_a_row(capsys):
+def test_batch_stops_after_ten_failures_in_a_row(capsys, ride):
     task = FlakyTask(set(range(3, 1000)))
     assert batch(task, 500) == 1
     assert task.calls == 12
@@ -253,13 +286,38 @@ def test_batch_stops_after_ten_failures_in_a_row(capsys):
     assert out.startswith("submitted 2/500 tasks")
     assert err.startswith("taskfleet: error: 498 submissions failed (10 unconfirmed: ")
     assert "; 488 not sent)" in err
+    assert len(ride.waits) == 9  # Redis answered after each of the first nine
 
 
-def test_batched_publish_counts_a_failed_flush_and_declares_once(capsys):
+def test_batch_waits_for_redis_after_a_failure_and_goes_on(capsys, ride):
+    app = FakeApp(fail_acquires={2})  # the producer taken again after the failure: refused
+    task = FlakyTask({3})
+    assert batch(task, 6, app=app) == 1
+    # The failed task is not sent again (it may be queued); the one no producer was had for is.
+    assert task.calls == 6 and app.acquired == 3 and app.released == 2  # all given back
+    assert len(ride.waits) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("submitted 5/6 tasks")
+    assert err.startswith("taskfleet: error: 1 submissions failed (1 unconfirmed: ")
+    assert "; 0 not sent)" in err
+
+
+def test_batch_stops_when_redis_stays_away(capsys, ride, monkeypatch):
+    monkeypatch.setattr(FakeRideOut, "back", False)
+    task = FlakyTask({3})
+    assert batch(task, 500) == 1
+    assert task.calls == 3 and len(ride.waits) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("submitted 2/500 tasks")
+    assert err.startswith("taskfleet: error: 498 submissions failed (1 unconfirmed: ")
+    assert "; 497 not sent)" in err
+
+
+def test_batched_publish_counts_a_failed_flush_and_declares_once_per_producer(capsys, ride):
     app = FakeApp(fail_flushes={2})
     assert batch(FlakyTask(set()), 250, size=100, app=app) == 1
     assert app.producer.flushes == 3  # 100, 100 (fails), the last 50 when the block ends
-    assert app.producer.declared == 1
+    assert app.producer.declared == 2  # once per producer taken: again after the failure
     out, err = capsys.readouterr()
     assert out.startswith("submitted 150/250 tasks")
     assert err.startswith("taskfleet: error: 100 submissions failed (100 unconfirmed: ")
@@ -272,3 +330,55 @@ def test_failure_text_is_one_line_with_the_exception():
         "task abc: TypeError: unsupported operand type(s) for +: 'int' and 'str'")
     assert submit.failure_text("abc", {"status": "REVOKED", "result": None}) == \
         "task abc: REVOKED: None"
+
+
+def lost(message: str) -> RuntimeError:
+    """What Celery's Redis result listener raises when it cannot reconnect."""
+    import redis
+
+    try:
+        try:
+            raise redis.ConnectionError(message)
+        except redis.ConnectionError as exc:
+            raise RuntimeError("\nRetry limit exceeded while trying to reconnect to the "
+                               "Celery result store\nbackend.\n") from exc
+    except RuntimeError as exc:
+        return exc
+
+
+def test_lost_connection_is_found_through_the_causes():
+    from kombu.exceptions import OperationalError
+
+    from app.connection import lost_connection
+
+    exc = lost("Error 111 connecting to h:6379. Connection refused.")
+    assert str(lost_connection(exc)) == "Error 111 connecting to h:6379. Connection refused."
+    refused = OperationalError("Error 111")
+    assert lost_connection(refused) is refused
+    assert lost_connection(RuntimeError("something else")) is None
+    assert lost_connection(ValueError("bad")) is None
+
+
+def test_redis_lost_during_a_command_is_one_line(run, monkeypatch):
+    def fail(args):
+        raise lost("Error 111 connecting to h:6379. Connection refused, password unit-secret.")
+
+    monkeypatch.setattr(submit.Submit, "run", staticmethod(fail))
+    code, out, err = run("submit", "add", "1", "2")
+    assert (code, out) == (1, "")
+    assert err == ("taskfleet: error: Redis failed during the command: Error 111 connecting to "
+                   "h:6379. Connection refused, password ***.\n")
+
+
+def test_release_skips_results_whose_connection_is_gone():
+    class Backend:
+        def __init__(self, error: BaseException) -> None:
+            self.error = error
+
+        def remove_pending_result(self, result):
+            raise self.error
+
+    gone = types.SimpleNamespace(backend=Backend(lost("Connection closed by server.")))
+    submit.release([gone, gone])
+    with pytest.raises(ValueError, match="bug"):
+        submit.release([types.SimpleNamespace(backend=Backend(ValueError("bug")))])
