@@ -105,6 +105,18 @@ class Tier:
             self.linked(h) for h in REDIS_HOSTS if h != primary)
 
 
+def handler_hosts(out: str, handler: str) -> list[str]:
+    """Hosts on which ansible-playbook's output shows `handler` running (changed or ok)."""
+    hosts: list[str] = []
+    inside = False
+    for line in out.splitlines():
+        if line.startswith(("TASK [", "RUNNING HANDLER [", "PLAY ")):
+            inside = line.startswith("RUNNING HANDLER [") and f": {handler}]" in line
+        elif inside and (m := re.match(r"(?:changed|ok): \[([^\]]+)\]", line)):
+            hosts.append(m.group(1))
+    return hosts
+
+
 @dataclass(eq=False)  # a Thread must stay hashable
 class Client(threading.Thread):
     """The test's client: submits `mark` tasks every EVERY_S until stopped, and keeps when the
@@ -318,9 +330,16 @@ def test_replica_added_then_removed(ha: tuple[Fleet, Tier], report: Report):
     client = Client(fleet, batch)
     client.start()
     t0 = time.monotonic()
+    phases: dict[str, tuple[float, float, list[str]]] = {}  # start, end, Redis restarted on
+
+    def phase(name: str, run: Any, started: float) -> None:
+        phases[name] = (started, time.time(), handler_hosts(run.out, "Restart Redis"))
+
     try:
         lab.add(EXTRA, "redis_replicas")
+        started = time.time()
         run = cluster.deploy()
+        phase("grow", run, started)
         record_timing("ha lab: deploy, a fourth Redis host joins", run.seconds)
         assert run.rc == 0, cluster.explain(run)
         assert "Sentinel quorum OK, 3 replicas linked to the primary" in run.out, run.out[-3000:]
@@ -328,14 +347,18 @@ def test_replica_added_then_removed(ha: tuple[Fleet, Tier], report: Report):
         assert set(grown.values()) == {3}, grown
         assert tier.primary() != EXTRA, "the new host is the primary: nothing to test here"
 
+        started = time.time()
         run = cluster.deploy("-e", f"host={EXTRA}", playbook="playbooks/remove-redis-replica.yml")
+        phase("remove", run, started)
         record_timing("ha lab: remove-redis-replica.yml", run.seconds)
         assert run.rc == 0, cluster.explain(run)
         states = cluster.on(EXTRA, "systemctl", "is-active", "redis-sentinel", "redis-server")
         assert states.stdout.split() == ["inactive", "inactive"], states.stdout
         hosts = lab.inventory_path.read_text()
         lab.inventory_path.write_text(re.sub(rf"(?m)^{EXTRA}( .*)?\n", "", hosts))
+        started = time.time()
         run = cluster.deploy()
+        phase("shrink", run, started)
         record_timing("ha lab: deploy after the fourth host left", run.seconds)
         assert run.rc == 0, cluster.explain(run)
         assert "Sentinel quorum OK, 2 replicas linked to the primary" in run.out, run.out[-3000:]
@@ -350,6 +373,10 @@ def test_replica_added_then_removed(ha: tuple[Fleet, Tier], report: Report):
         "remove-redis-replica.yml (quorum 2 of 3), a client submitting", tally,
         scale_s=round(time.monotonic() - t0, 1), quorum_grown=grown, sentinels_after=shrunk,
         refused=len(client.refused), refused_kinds=sorted({k for _, k in client.refused}),
+        # Where the refusals fell, and which hosts' Redis a deploy restarted in each phase.
+        phases={name: {"s": round(end - start, 1), "redis_restarted": hosts,
+                       "refused": sum(start <= t <= end for t, _ in client.refused)}
+                for name, (start, end, hosts) in phases.items()},
         held_by="the deploy sets each Sentinel's quorum; the playbook stops the host's Sentinel "
         "and Redis, then resets each other Sentinel, one host at a time")
     assert not tally.lost, f"accepted but never ran: {tally.lost}"
