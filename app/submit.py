@@ -18,6 +18,8 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+import redis
+
 from . import cli
 from .connection import REDIS_DOWN, client, lost_connection, retry_until_back, scrub
 from .publish import BATCH
@@ -119,16 +121,25 @@ class RideOut:
 
     def _back(self) -> None:
         for url in self.urls:
-            redis = client(url, self.timeout)
+            conn = client(url, self.timeout)
             try:
-                redis.ping()
+                conn.ping()
             finally:
-                redis.close()
+                conn.close()
         # Celery's Redis result listener (celery.backends.redis.ResultConsumer): a new pub/sub
         # connection, the ready results of every subscribed task read, and subscribed again.
         reconnect = getattr(self.app.backend.result_consumer, "_reconnect_pubsub", None)
-        if reconnect is not None:
+        if reconnect is None:
+            return
+        try:
             reconnect()
+        except Exception as exc:
+            # Redis went away again meanwhile; Celery wraps that in a RuntimeError ("Retry
+            # limit exceeded") when its own single reconnect fails: wait again.
+            cause = lost_connection(exc)
+            if cause is None:
+                raise
+            raise redis.ConnectionError(str(cause)) from exc
 
 
 def failure_text(task_id: str, meta: dict[str, Any]) -> str:

@@ -282,6 +282,7 @@ class Channel(kombu_redis.Channel):
         self._sent: str | None = None  # the command whose reply the poller waits for
         self._take_next = True  # False after a TAKE found nothing: wait (BLMOVE) first
         self._wait_queue = ""  # the queue of the last message taken: where to wait
+        self._waited_on = ""  # the queue of the BLMOVE in flight
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         no_ack = kwargs.get("no_ack", args[0] if args else False)
@@ -314,10 +315,19 @@ class Channel(kombu_redis.Channel):
             queue = self._wait_queue if self._wait_queue in queues else \
                 self.connection.wait_queue if self.connection.wait_queue in queues else queues[0]
             command = ["BLMOVE", queue, TAKING_PREFIX + queue, "RIGHT", "LEFT", wait or 0]
+            self._waited_on = queue
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu: None
         self._sent = command[0]
         self.client.connection.send_command(*command)
+
+    def _unstage(self, queue: str) -> None:
+        """Put a message staged for this channel back at the head of `queue`: its consumer
+        was cancelled while the wait was in flight (`celery control cancel_consumer`, a
+        drain), so this channel will not take it, and a worker with kombu's BRPOP (an older
+        version) never looks at staging lists."""
+        with self.conn_or_acquire() as client:
+            client.lmove(TAKING_PREFIX + queue, queue, "RIGHT", "RIGHT")
 
     def _poll_error(self, type: str, **options: Any) -> Any:
         # kombu reads and drops the pending reply; a TAKE's reply carries a message.
@@ -341,6 +351,8 @@ class Channel(kombu_redis.Channel):
                 self._take_next = True
                 raise Empty() from None
             self._take_next = bool(reply) or sent == "BLMOVE"
+            if sent == "BLMOVE" and reply and self._waited_on not in self.active_queues:
+                self._unstage(self._waited_on)
             if sent == "BLMOVE" or not reply:
                 raise Empty()  # woken (or timed out): TAKE on the next round
             key, item, tag = (bytes_to_str(part) for part in reply)
