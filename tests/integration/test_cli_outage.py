@@ -207,8 +207,11 @@ def test_redis_restart_while_waiting_for_results(redis_up):
 def test_redis_restart_while_waiting_for_one_result(redis_up):
     o, batch = redis_up, batch_name()
     # Down for 3 s, longer than Celery's own single reconnect can hide: the CLI must wait.
+    # Killed once a worker holds the task: the CLI has published it and waits for its result.
+    held = set(o.redis.admin().hkeys("unacked"))
     run = o.run(["submit", "mark", batch, "7", "5", "--wait", "--timeout", "60"],
-                kill_when=lambda _: time.sleep(1) or True, restart_after=3.0)
+                kill_when=lambda _: bool(set(o.redis.admin().hkeys("unacked")) - held),
+                restart_after=3.0)
     run.show(o)
     assert run.code == 0 and run.out == "7\n", run.out + run.err
     assert o.ledger(batch) >= 1
