@@ -197,6 +197,11 @@ def migrate(cluster: DeployedLab, report: Report) -> None:
         "replicas are linked; the rolling restart moves the worker to the Sentinel URLs")
     assert not tally.lost, f"queued before the switch, never ran: {tally.lost}"
     assert queued_before > 0, "nothing was waiting in the queue when the deploy started"
+    # The split-brain guard is in every file, not only in the running Redis: a Redis that
+    # restarts (crash, reboot) keeps it, and the next deploy has nothing to restart.
+    files = {h: cluster.on(h, "grep", "^min-replicas-to-write", "/etc/redis/redis.conf").stdout
+             for h in REDIS_HOSTS}
+    assert set(files.values()) == {"min-replicas-to-write 1\n"}, files
     row["passed"] = True
 
 
@@ -381,4 +386,7 @@ def test_replica_added_then_removed(ha: tuple[Fleet, Tier], report: Report):
         "and Redis, then resets each other Sentinel, one host at a time")
     assert not tally.lost, f"accepted but never ran: {tally.lost}"
     assert set(shrunk.values()) == {(2, 2, 2)}, shrunk
+    # Only the new host's Redis starts; the others (the primary among them) are left alone.
+    assert set(phases["grow"][2]) <= {EXTRA}, phases
+    assert not phases["shrink"][2], phases
     row["passed"] = True
