@@ -17,6 +17,7 @@ docs/RELIABILITY.md.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import itertools
 import os
 import re
@@ -103,6 +104,24 @@ class Tier:
         primary = self.primary()
         return primary is not None and all(
             self.linked(h) for h in REDIS_HOSTS if h != primary)
+
+
+def changed_tasks(out: str, host: str) -> list[str]:
+    """Tasks (and handlers) that ansible-playbook's output shows changed on `host`."""
+    found: list[str] = []
+    task = ""
+    for line in out.splitlines():
+        if line.startswith(("TASK [", "RUNNING HANDLER [")):
+            task = line.split("[", 1)[1].rsplit("]", 1)[0]
+        elif re.match(rf"changed: \[{re.escape(host)}\]", line):
+            found.append(task)
+    return found
+
+
+def redis_conf(cluster: DeployedLab, host: str) -> list[str]:
+    """A Redis host's redis.conf without its secret (masterauth), to diff in a message."""
+    text = cluster.on(host, "cat", "/etc/redis/redis.conf").stdout
+    return [line for line in text.splitlines(keepends=True) if not line.startswith("masterauth")]
 
 
 def handler_hosts(out: str, handler: str) -> list[str]:
@@ -336,9 +355,19 @@ def test_replica_added_then_removed(ha: tuple[Fleet, Tier], report: Report):
     client.start()
     t0 = time.monotonic()
     phases: dict[str, tuple[float, float, list[str]]] = {}  # start, end, Redis restarted on
+    why: list[str] = []  # for a Redis a deploy restarted: what changed on its host, and how
+    confs = {h: redis_conf(cluster, h) for h in REDIS_HOSTS}
 
     def phase(name: str, run: Any, started: float) -> None:
-        phases[name] = (started, time.time(), handler_hosts(run.out, "Restart Redis"))
+        restarted = handler_hosts(run.out, "Restart Redis")
+        phases[name] = (started, time.time(), restarted)
+        for host in sorted(set(restarted) & set(confs)):
+            now = redis_conf(cluster, host)
+            why.append(f"{name}, {host}: changed {changed_tasks(run.out, host)}; redis.conf:\n"
+                       + "".join(difflib.unified_diff(confs[host], now, "before", "after")))
+        if why:  # shown with the test's output, even when a later assertion fails first
+            print("\n".join(["", f"[Redis restarted by the {name} deploy]", *why]))
+        confs.update({h: redis_conf(cluster, h) for h in confs})
 
     try:
         lab.add(EXTRA, "redis_replicas")
@@ -387,6 +416,6 @@ def test_replica_added_then_removed(ha: tuple[Fleet, Tier], report: Report):
     assert not tally.lost, f"accepted but never ran: {tally.lost}"
     assert set(shrunk.values()) == {(2, 2, 2)}, shrunk
     # Only the new host's Redis starts; the others (the primary among them) are left alone.
-    assert set(phases["grow"][2]) <= {EXTRA}, phases
-    assert not phases["shrink"][2], phases
+    assert set(phases["grow"][2]) <= {EXTRA}, (phases, "\n".join(why))
+    assert not phases["shrink"][2], (phases, "\n".join(why))
     row["passed"] = True
