@@ -26,6 +26,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import load_dotenv
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 ENV_FILE_VAR = "TASKFLEET_ENV_FILE"
 POOLS = ("prefork", "threads", "solo")
@@ -423,8 +425,12 @@ def sentinel_options(s: Settings) -> dict[str, Any]:
     # them in turn, on the worker's event loop (heartbeats included): one that is cut off must
     # cost at most a second, not TASKFLEET_CONNECT_TIMEOUT, or the lab's partitioned primary
     # (and its Sentinel) froze the worker until systemd's watchdog restarted it.
+    # One try each, too: redis-py's client retries 10 times with backoff by default, so one
+    # cut-off Sentinel (the first in the list: every new connection asks them in order) cost
+    # 11 to 20 s per connection; discover_master goes on to the next Sentinel by itself.
     ask = min(s.connect_timeout, SENTINEL_TIMEOUT)
-    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": ask, "socket_timeout": ask}
+    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": ask, "socket_timeout": ask,
+                                       "retry": Retry(NoBackoff(), 0)}
     if s.sentinel_password:
         sentinel_kwargs["password"] = s.sentinel_password
     return {"master_name": s.sentinel_master, "sentinel_kwargs": sentinel_kwargs}

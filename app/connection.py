@@ -66,7 +66,7 @@ def client(url: str, timeout: float, master: str | None = None,
         return redis.Redis.from_url(url, **once)
     first = urlsplit(url.split(";")[0])
     sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": timeout,
-                                       "socket_timeout": timeout}
+                                       "socket_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
     if sentinel_password:
         sentinel_kwargs["password"] = sentinel_password
     login = {"username": unquote(first.username) if first.username else None,
