@@ -35,6 +35,11 @@ from .labkit import DeployedLab, new_lab, record_timing
 pytestmark = pytest.mark.lab
 HA_LAB = os.environ.get("TASKFLEET_TEST_HA_LAB", "ciha")
 HA_SUBNET = os.environ.get("TASKFLEET_TEST_HA_SUBNET", "10.85.0.0/24")
+# The Redis hosts run one Debian release (preflight wants one Redis version across the tier):
+# trixie's Redis 8.0 by default (the shared lab's Redis host is bookworm's 7.0), or bookworm.
+# The worker runs the other release: nodes may mix.
+HA_DISTRO = os.environ.get("TASKFLEET_TEST_HA_DISTRO", "trixie")
+WORKER_DISTRO = "bookworm" if HA_DISTRO == "trixie" else "trixie"
 REDIS_HOSTS = ("redis1", "replica1", "replica2")
 EXTRA = "replica3"  # joins, then leaves, at the end of the module
 SENTINEL_PORT = 26379
@@ -168,7 +173,7 @@ def ha(report: Report) -> Iterator[tuple[Fleet, Tier]]:
     try:
         start = time.monotonic()
         # One Redis host first, as a cluster starts; the module turns it into the HA tier.
-        lab.up(redis=1, workers=1)
+        lab.up(redis=1, workers=1, distros=(HA_DISTRO, WORKER_DISTRO))  # round robin
         cluster = DeployedLab(lab)
         run = cluster.deploy()
         record_timing("ha lab: up + cold deploy, one Redis host (2 hosts)",
@@ -200,7 +205,7 @@ def migrate(cluster: DeployedLab, report: Report) -> None:
     numbers = single.submit(batch, range(MIGRATE_TASKS), MIGRATE_TASK_S)
     queued_before = single.redis().llen(single.settings.default_queue)
     for host in ("replica1", "replica2"):
-        cluster.lab.add(host, "redis_replicas")
+        cluster.lab.add(host, "redis_replicas", distro=HA_DISTRO)
     run = cluster.deploy()
     record_timing("ha lab: deploy one Redis host -> HA (2 replicas added)", run.seconds)
     assert run.rc == 0, cluster.explain(run)
@@ -370,7 +375,7 @@ def test_replica_added_then_removed(ha: tuple[Fleet, Tier], report: Report):
         confs.update({h: redis_conf(cluster, h) for h in confs})
 
     try:
-        lab.add(EXTRA, "redis_replicas")
+        lab.add(EXTRA, "redis_replicas", distro=HA_DISTRO)
         started = time.time()
         run = cluster.deploy()
         phase("grow", run, started)
