@@ -208,14 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         from kombu.exceptions import KombuError
         from redis import RedisError
 
-        from .connection import lost_connection, scrub
+        from .connection import lost_connection, one_line
 
         shown = exc if isinstance(exc, KombuError | RedisError | OSError) \
             else lost_connection(exc)
         if shown is None:
             raise
-        url = get_settings().broker_url
-        text = " ".join((str(shown) or type(shown).__name__).split())
-        print(f"{PROG}: error: Redis failed during the command: {scrub(text, url)}",
-              file=sys.stderr)
+        text = one_line(shown, get_settings().broker_url)
+        print(f"{PROG}: error: Redis failed during the command: {text}", file=sys.stderr)
         return EXIT_FAIL

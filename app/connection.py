@@ -122,6 +122,15 @@ def scrub(text: str, url: str) -> str:
     return text
 
 
+def one_line(exc: BaseException, *urls: str) -> str:
+    """An error for a one-line message: its text (or its type's name) on one line, with the
+    password of each URL scrubbed."""
+    text = " ".join((str(exc) or type(exc).__name__).split())
+    for url in urls:
+        text = scrub(text, url)
+    return text
+
+
 def check(url: str, variable: str, timeout: float, master: str | None = None,
           sentinel_password: str | None = None) -> None:
     """PING the Redis of `url` once; raise BrokerError with a clear cause and fix."""

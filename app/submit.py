@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from . import cli
-from .connection import REDIS_DOWN, client, lost_connection, retry_until_back, scrub
+from .connection import REDIS_DOWN, client, lost_connection, one_line, retry_until_back
 from .publish import BATCH
 
 if TYPE_CHECKING:
@@ -89,10 +89,7 @@ class RideOut:
 
     def reason(self, exc: BaseException) -> str:
         """The error, one line, no password."""
-        text = " ".join((str(exc) or type(exc).__name__).split())
-        for url in self.urls:
-            text = scrub(text, url)
-        return text.rstrip(".")
+        return one_line(exc, *self.urls).rstrip(".")
 
     def wait(self, exc: BaseException, deadline: float | None = None) -> bool:
         """After `exc` (a failed Redis operation): True once Redis answers and results can be
@@ -277,7 +274,7 @@ class Submit:
             never = failed - unconfirmed
             print(f"{cli.PROG}: error: {failed} submissions failed ({unconfirmed} unconfirmed: "
                   f"Redis failed during their batch, they may still run; {never} not sent); "
-                  f"first error: {scrub(str(first_error), app.conf.broker_url)}",
+                  f"first error: {one_line(first_error, app.conf.broker_url)}",
                   file=sys.stderr)
         try:
             if args.wait and results and not gone:

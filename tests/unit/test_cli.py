@@ -382,3 +382,13 @@ def test_release_skips_results_whose_connection_is_gone():
     submit.release([gone, gone])
     with pytest.raises(ValueError, match="bug"):
         submit.release([types.SimpleNamespace(backend=Backend(ValueError("bug")))])
+
+
+def test_one_line_error_folds_lines_and_scrubs_every_password():
+    from app.connection import one_line
+
+    urls = ("sentinel://:s3cr%40t@10.0.0.1:26379;sentinel://:s3cr%40t@10.0.0.2:26379",
+            "redis://app:other-pw@10.0.0.3:6379/0")
+    exc = ConnectionError("Error 111 connecting with\n  password s3cr@t and s3cr%40t;\tother-pw")
+    assert one_line(exc, *urls) == "Error 111 connecting with password *** and ***; ***"
+    assert one_line(TimeoutError()) == "TimeoutError"
