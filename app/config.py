@@ -418,22 +418,29 @@ def celery_settings(s: Settings) -> dict[str, Any]:
     return settings
 
 
+def sentinel_kwargs(timeout: float, password: str | None) -> dict[str, Any]:
+    """How a redis-py Sentinel manager reaches and logs into each Sentinel (their own password;
+    the URLs carry Redis's): `timeout` to connect and to hear back, and one try. redis-py's
+    client retries 10 times with backoff by default, so one cut-off Sentinel (the first in the
+    list: every new connection asks them in order) cost 11 to 20 s per connection;
+    discover_master goes on to the next Sentinel by itself."""
+    kwargs: dict[str, Any] = {"socket_connect_timeout": timeout, "socket_timeout": timeout,
+                              "retry": Retry(NoBackoff(), 0)}
+    if password:
+        kwargs["password"] = password
+    return kwargs
+
+
 def sentinel_options(s: Settings) -> dict[str, Any]:
     """Transport options of kombu's and Celery's Sentinel clients: the master's name, and how
-    to reach and log into the Sentinels (their own password; the URLs carry Redis's)."""
+    to reach and log into the Sentinels."""
     # A Sentinel answers from memory in milliseconds. Each new connection to the primary asks
     # them in turn, on the worker's event loop (heartbeats included): one that is cut off must
     # cost at most a second, not TASKFLEET_CONNECT_TIMEOUT, or the lab's partitioned primary
     # (and its Sentinel) froze the worker until systemd's watchdog restarted it.
-    # One try each, too: redis-py's client retries 10 times with backoff by default, so one
-    # cut-off Sentinel (the first in the list: every new connection asks them in order) cost
-    # 11 to 20 s per connection; discover_master goes on to the next Sentinel by itself.
     ask = min(s.connect_timeout, SENTINEL_TIMEOUT)
-    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": ask, "socket_timeout": ask,
-                                       "retry": Retry(NoBackoff(), 0)}
-    if s.sentinel_password:
-        sentinel_kwargs["password"] = s.sentinel_password
-    return {"master_name": s.sentinel_master, "sentinel_kwargs": sentinel_kwargs}
+    return {"master_name": s.sentinel_master,
+            "sentinel_kwargs": sentinel_kwargs(ask, s.sentinel_password)}
 
 
 def beat_schedule(s: Settings) -> dict[str, Any]:

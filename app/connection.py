@@ -18,7 +18,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel
 
-from .config import mask_url
+from .config import mask_url, sentinel_kwargs
 
 # kombu's Redis transport keeps messages of priority > 0 in extra lists named
 # queue + SEP + step (kombu.transport.redis: Channel.sep, PRIORITY_STEPS).
@@ -65,14 +65,11 @@ def client(url: str, timeout: float, master: str | None = None,
     if master is None:
         return redis.Redis.from_url(url, **once)
     first = urlsplit(url.split(";")[0])
-    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": timeout,
-                                       "socket_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
-    if sentinel_password:
-        sentinel_kwargs["password"] = sentinel_password
     login = {"username": unquote(first.username) if first.username else None,
              "password": unquote(first.password) if first.password else None,
              "db": int(first.path.lstrip("/") or 0)}
-    sentinels = Sentinel(sentinel_addresses(url), sentinel_kwargs=sentinel_kwargs, **once)
+    sentinels = Sentinel(sentinel_addresses(url),
+                         sentinel_kwargs=sentinel_kwargs(timeout, sentinel_password), **once)
     return sentinels.master_for(master, **login)
 
 
