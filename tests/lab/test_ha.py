@@ -366,13 +366,14 @@ def test_replica_added_then_removed(ha: tuple[Fleet, Tier], report: Report):
     def phase(name: str, run: Any, started: float) -> None:
         restarted = handler_hosts(run.out, "Restart Redis")
         phases[name] = (started, time.time(), restarted)
-        for host in sorted(set(restarted) & set(confs)):
-            now = redis_conf(cluster, host)
-            why.append(f"{name}, {host}: changed {changed_tasks(run.out, host)}; redis.conf:\n"
-                       + "".join(difflib.unified_diff(confs[host], now, "before", "after")))
-        if why:  # shown with the test's output, even when a later assertion fails first
-            print("\n".join(["", f"[Redis restarted by the {name} deploy]", *why]))
-        confs.update({h: redis_conf(cluster, h) for h in confs})
+        now = {h: redis_conf(cluster, h) for h in confs}
+        found = [f"{name}, {host}: changed {changed_tasks(run.out, host)}; redis.conf:\n"
+                 + "".join(difflib.unified_diff(confs[host], now[host], "before", "after"))
+                 for host in sorted(set(restarted) & set(confs))]
+        if found:  # shown with the test's output, even when a later assertion fails first
+            print("\n".join(["", f"[Redis restarted by the {name} deploy]", *found]))
+        why.extend(found)
+        confs.update(now)
 
     try:
         lab.add(EXTRA, "redis_replicas", distro=HA_DISTRO)
