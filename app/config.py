@@ -76,6 +76,9 @@ class Settings:
     # Set when the URLs are sentinel://: the name the Sentinels monitor, their password.
     sentinel_master: str | None = None
     sentinel_password: str | None = None
+    # With Sentinel: a publish counts once this many replicas hold it (Redis WAIT), 0 = at once.
+    publish_replicas: int = 0
+    publish_replicas_timeout: float = 1.0
 
     @property
     def sentinel(self) -> bool:
@@ -269,6 +272,7 @@ def read_settings(env: Mapping[str, str]) -> Settings:
         raise ConfigError(f"TASKFLEET_METRICS_PORT={metrics_port} needs {MULTIPROC_DIR_VAR}: "
                           "set it to an empty directory the worker may write (the unit's "
                           "RuntimeDirectory)")
+    replicas = _publish_replicas(env, sentinel_master)
     return Settings(
         broker_url=broker, result_backend=backend, worker_pool=pool,
         worker_concurrency=concurrency, worker_prefetch_multiplier=prefetch,
@@ -279,7 +283,20 @@ def read_settings(env: Mapping[str, str]) -> Settings:
         metrics_address=_get(env, "TASKFLEET_METRICS_ADDRESS") or "127.0.0.1",
         sentinel_master=sentinel_master,
         sentinel_password=_get(env, "TASKFLEET_SENTINEL_PASSWORD") if sentinel_master else None,
+        publish_replicas=replicas,
+        publish_replicas_timeout=_float(env, "TASKFLEET_PUBLISH_REPLICAS_TIMEOUT", 1.0),
     )
+
+
+def _publish_replicas(env: Mapping[str, str], sentinel_master: str | None) -> int:
+    """TASKFLEET_PUBLISH_REPLICAS: only with the Sentinel URLs of the HA tier, whose primary has
+    replicas to wait for (a lone Redis has none: every publish would time out)."""
+    replicas = _int(env, "TASKFLEET_PUBLISH_REPLICAS", 0, 0, ">= 0 (0 = do not wait)")
+    if replicas and sentinel_master is None:
+        raise ConfigError(f"TASKFLEET_PUBLISH_REPLICAS={replicas} needs the HA tier's "
+                          "sentinel:// URLs (a single Redis host has no replica to wait for): "
+                          "set it to 0, or list replicas in [redis_replicas] and deploy")
+    return replicas
 
 
 def _sentinel_master(env: Mapping[str, str], broker: str, backend: str) -> str | None:
@@ -358,6 +375,9 @@ def celery_settings(s: Settings) -> dict[str, Any]:
             "taskfleet_heartbeat_thread": s.worker_pool == "solo",
             # An idle worker blocks on this queue (app/transport.py); work arrives there.
             "taskfleet_wait_queue": s.default_queue,
+            # Publishes wait for this many replicas to hold them (Redis WAIT; app/transport.py).
+            "taskfleet_publish_replicas": s.publish_replicas,
+            "taskfleet_publish_replicas_timeout": s.publish_replicas_timeout,
             "unacked_restore_interval": restore_interval(s),
             "unacked_restore_throttle": 1,
             # The sweep holds a lock key (SET NX with this expiry) for a few milliseconds. kombu's

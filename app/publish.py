@@ -5,10 +5,11 @@ publish. A burst needs neither: one producer (one connection) for the whole burs
 declared once, and the messages buffered in a Redis pipeline (kombu's `Producer.batch()`)
 that is sent every `size` tasks -- one round trip per batch.
 
-What Redis took is known per batch: `flush()` returns once Redis answered. If a flush fails
-(Redis went away), kombu cannot tell how much of that pipeline ran, so its tasks are
-"uncertain": they may or may not be queued. Every Taskfleet task is safe to run twice, so
-resubmitting them is the fix; the CLI says how many there are.
+What Redis took is known per batch: `flush()` returns once Redis answered (and, with
+TASKFLEET_PUBLISH_REPLICAS, once that many replicas hold the batch: app/transport.py).
+If a flush fails (Redis went away), kombu cannot tell how much of that pipeline ran, so its
+tasks are "uncertain": they may or may not be queued. Every Taskfleet task is safe to run
+twice, so resubmitting them is the fix; the CLI says how many there are.
 
 After a failure the producer is given back to the pool and the next send takes it again: kombu
 leaves the producer on a closed channel when its own retries give up, and taking it from the
@@ -120,9 +121,14 @@ class BatchPublisher:
             try:
                 batch.__exit__(None, None, None)
             except Exception as exc:
+                from .transport import NotReplicated
+
                 self.unconfirmed.extend(pending)
                 self._producer = None  # taken again by the next send
-                raise PublishFailed(len(pending), exc) from exc
+                # kombu's BatchPublishError says only "delivery is uncertain"; the replicas'
+                # shortfall says why, and that Redis did take the batch.
+                cause = exc.__cause__ if isinstance(exc.__cause__, NotReplicated) else exc
+                raise PublishFailed(len(pending), cause) from exc
         self.accepted.extend(pending)
 
     def _abort(self, exc: BaseException) -> None:

@@ -199,8 +199,15 @@ class Submit:
     def one(app: Celery, task: Task, call_args: list[Any], call_kwargs: dict[str, Any],
             queue: str, args: argparse.Namespace) -> int:
         from celery.exceptions import TimeoutError as CeleryTimeout
+        from celery.utils import uuid
 
-        result = task.apply_async(call_args, call_kwargs, queue=queue)
+        from .transport import NotReplicated
+
+        task_id = uuid()
+        try:
+            result = task.apply_async(call_args, call_kwargs, queue=queue, task_id=task_id)
+        except NotReplicated as exc:
+            cli.die(f"task {task_id}: {exc}", cli.EXIT_FAIL)
         if not args.wait:
             release([result])
             print(result.id)

@@ -44,6 +44,13 @@ the others (every Taskfleet worker also consumes its host queue), one of a singl
 brpop_timeout (1 s) for its other priorities: there a message for an idle worker may wait
 that long. A queue consumed without acks (a client's reply queue) keeps kombu's BRPOP.
 
+Publishing with TASKFLEET_PUBLISH_REPLICAS=N (HA tier): Redis replicates asynchronously, so a
+primary that dies right after taking a message may take it along. Each publish (one task, or
+one pipeline of a batch) then ends with `WAIT N timeout` on the same connection, and counts
+only once N replicas hold it; Sentinel promotes the replica furthest along, which then has it.
+Fewer in time raises NotReplicated: the message is on the primary and runs unless the primary
+dies before replicating it, and sending it again is safe (every task may run twice).
+
 With kombu's BRPOP (heartbeats off), a record that fails because Redis died after the pop is
 retried until Redis is back. A record made while the channel closes is written on a connection
 of its own (kombu#582).
@@ -63,6 +70,7 @@ from queue import Empty
 from typing import Any
 
 import redis
+from kombu.exceptions import KombuError
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -78,7 +86,8 @@ SWEEP_LIMIT = 1000  # candidates per sweep
 MULTI_QUEUE_WAIT = 0.2  # seconds an idle worker of several queues blocks on the first one
 # Transport options this transport reads (app/config.py sets them), beside kombu's own.
 OPTIONS = ("taskfleet_heartbeat_interval", "taskfleet_dead_after", "taskfleet_heartbeat_thread",
-           "taskfleet_wait_queue")
+           "taskfleet_wait_queue", "taskfleet_publish_replicas",
+           "taskfleet_publish_replicas_timeout")
 
 # KEYS: unacked_index, unacked, unacked_owner. ARGV: tag, record, owner.
 RECORD = """
@@ -148,6 +157,45 @@ for i = 1, #old, 2 do
 end
 return out
 """
+
+
+class NotReplicated(KombuError):
+    """Redis took a publish, but fewer replicas than asked confirmed it within the timeout.
+    Not a connection error: nothing retries it by itself (the publish did happen)."""
+
+    def __init__(self, confirmed: int, wanted: int, timeout: float) -> None:
+        super().__init__(
+            f"Redis took the task but {confirmed} of the {wanted} replica(s) that "
+            f"TASKFLEET_PUBLISH_REPLICAS asks for confirmed it within {timeout:g} s "
+            "(TASKFLEET_PUBLISH_REPLICAS_TIMEOUT): it runs unless the primary fails first; "
+            "sending it again is safe")
+        self.confirmed, self.wanted = confirmed, wanted
+
+
+class Replicated:
+    """A redis-py pipeline whose execute() ends with WAIT on the pipeline's own connection (WAIT
+    counts the writes of its connection): returns the other replies once `replicas` replicas
+    hold the writes, raises NotReplicated if fewer do within `timeout` seconds."""
+
+    def __init__(self, pipeline: Any, replicas: int, timeout: float) -> None:
+        self.pipeline, self.replicas, self.timeout = pipeline, replicas, timeout
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipeline, name)
+
+    def execute(self, *args: Any, **kwargs: Any) -> list[Any]:
+        self.pipeline.execute_command("WAIT", self.replicas, max(1, round(self.timeout * 1000)))
+        *replies, confirmed = self.pipeline.execute(*args, **kwargs)
+        if int(confirmed) < self.replicas:
+            raise NotReplicated(int(confirmed), self.replicas, self.timeout)
+        return replies
+
+
+class _Commands(list[tuple[str, tuple[Any, ...]]]):
+    """Collects the Redis commands of one publish (kombu's publish-batch protocol: add())."""
+
+    def add(self, name: str, *args: Any) -> None:
+        self.append((name, args))
 
 
 def _task_id(message: Any) -> str:
@@ -283,6 +331,30 @@ class Channel(kombu_redis.Channel):
         self._take_next = True  # False after a TAKE found nothing: wait (BLMOVE) first
         self._wait_queue = ""  # the queue of the last message taken: where to wait
         self._waited_on = ""  # the queue of the BLMOVE in flight
+
+    def replicated(self, pipeline: Any) -> Any:
+        """`pipeline`, made to wait for the replicas if TASKFLEET_PUBLISH_REPLICAS asks."""
+        transport = self.connection
+        if not transport.publish_replicas:
+            return pipeline
+        return Replicated(pipeline, transport.publish_replicas, transport.publish_timeout)
+
+    def create_publish_batch(self, max_size: int) -> Any:
+        batch = super().create_publish_batch(max_size)
+        batch.pipeline = self.replicated(batch.pipeline)
+        return batch
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        """kombu's publish; with replicas to wait for, its commands and WAIT in one pipeline."""
+        if not self.connection.publish_replicas or kwargs.get("_publish_batch") is not None:
+            return super()._put(queue, message, **kwargs)
+        commands = _Commands()
+        super()._put(queue, message, _publish_batch=commands, **kwargs)
+        with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            for name, args in commands:
+                getattr(pipe, name)(*args)
+            self.replicated(pipe).execute()
+        return None
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         no_ack = kwargs.get("no_ack", args[0] if args else False)
@@ -423,6 +495,8 @@ class Transport(kombu_redis.Transport):
             if self.heartbeat_interval else 0.0
         self.beat_in_thread = bool(options.get("taskfleet_heartbeat_thread"))
         self.wait_queue = str(options.get("taskfleet_wait_queue") or "")
+        self.publish_replicas = int(options.get("taskfleet_publish_replicas") or 0)
+        self.publish_timeout = float(options.get("taskfleet_publish_replicas_timeout") or 1.0)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.heartbeating = False  # set once stamps run; records before that have no owner
         self._scripts: dict[str, Any] = {}

@@ -196,3 +196,51 @@ def test_cli_names_the_sentinel_problem(ha: HA):
     assert "wrong" not in line and ha.password not in line, line
     env = ha.env() | {"TASKFLEET_SENTINEL_MASTER": "other"}
     assert "no Sentinel named the primary 'other'" in run_cli(env, "status").stderr
+
+
+def test_publish_waits_for_the_replica(ha: HA):
+    """TASKFLEET_PUBLISH_REPLICAS=1: each publish -- one task, each pipeline of a batch -- ends
+    with WAIT on its own connection and returns once the replica holds it. With the replica
+    stopped, submit fails within the timeout with one line per command, and the tasks it
+    reports as unconfirmed are on the primary (they would run)."""
+    env = ha.env() | {"TASKFLEET_PUBLISH_REPLICAS": "1",
+                      "TASKFLEET_PUBLISH_REPLICAS_TIMEOUT": "0.5"}
+    primary, replica = ha.redis_ports
+    queue = "celery"
+
+    def waits() -> int:
+        stats = ha.admin(primary).info("commandstats").get("cmdstat_wait", {})
+        return int(stats.get("calls", 0))
+
+    # Linked is not yet in sync: the first sync starts after repl-diskless-sync-delay (5 s).
+    wait_for(lambda: ha.admin(replica).info("replication")["master_link_status"] == "up", 30,
+             "the replica's first sync")
+    before = waits()
+    one = run_cli(env, "submit", "add", "10", "20")
+    assert one.returncode == 0, one.stderr
+    many = run_cli(env, "submit", "add", "1", "2", "--count", "250", "--batch", "100")
+    assert many.returncode == 0, many.stderr
+    assert waits() - before == 1 + 3, "one WAIT per publish: 1 task, then 3 pipelines"
+    # WAIT returned once the replica had applied every write before it: nothing to wait for.
+    assert ha.admin(replica).llen(queue) == 251
+
+    ha.procs[replica].send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        bad = run_cli(env, "submit", "add", "10", "20")
+        assert bad.returncode != 0
+        line = bad.stderr.strip()
+        assert len(line.splitlines()) == 1, line
+        assert "0 of the 1 replica(s) that TASKFLEET_PUBLISH_REPLICAS asks for" in line, line
+        assert ha.password not in line, line
+        burst = run_cli(env, "submit", "add", "1", "2", "--count", "150", "--batch", "100")
+        took = time.monotonic() - started
+        assert burst.returncode != 0
+        assert "150 submissions failed (150 unconfirmed" in burst.stderr, burst.stderr
+        assert "TASKFLEET_PUBLISH_REPLICAS_TIMEOUT" in burst.stderr, burst.stderr
+        # Two CLI starts, three WAITs of 0.5 s: not minutes of retries.
+        assert took < 20, took
+        assert ha.admin(primary).llen(queue) == 251 + 1 + 150, "Redis took them all"
+    finally:
+        ha.procs[replica].send_signal(signal.SIGCONT)
+    wait_for(lambda: ha.admin(replica).llen(queue) == 402, 20, "the replica to catch up")

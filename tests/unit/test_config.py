@@ -346,7 +346,7 @@ def test_env_example_documents_every_variable_and_is_valid():
     source = Path(app.config.__file__).read_text()
     variables = set(re.findall(r'"((?:TASKFLEET|CELERY)_[A-Z_]+)"', source))
     variables.add("TASKFLEET_ENV_FILE")
-    assert len(variables) == 21
+    assert len(variables) == 23
     for name in sorted(variables):
         assert re.search(rf"^#? ?{name}=", text, re.M), f"{name} missing from .env.example"
     values = {k: v or "" for k, v in dotenv_values(ROOT / ".env.example").items()}
@@ -441,6 +441,28 @@ def test_sentinel_password_is_optional_and_masked():
     ({"CELERY_RESULT_BACKEND": URL},
      "CELERY_BROKER_URL and CELERY_RESULT_BACKEND mix sentinel:// and redis:// URLs: use "
      "Sentinel URLs for both, or for neither"),
+    ({"TASKFLEET_PUBLISH_REPLICAS": "-1"},
+     "invalid TASKFLEET_PUBLISH_REPLICAS='-1': expected a whole number >= 0 (0 = do not wait)"),
+    ({"TASKFLEET_PUBLISH_REPLICAS_TIMEOUT": "0"},
+     "invalid TASKFLEET_PUBLISH_REPLICAS_TIMEOUT='0': expected a number of seconds > 0"),
 ])
 def test_sentinel_errors(env, expected):
     assert sentinel_error(**env) == expected
+
+
+def test_publish_replicas_reach_the_broker_transport_only():
+    s = read_settings({**SENTINEL_ENV, "TASKFLEET_PUBLISH_REPLICAS": "1",
+                       "TASKFLEET_PUBLISH_REPLICAS_TIMEOUT": "0.25"})
+    conf = celery_settings(s)
+    assert {k: v for k, v in conf["broker_transport_options"].items() if "publish" in k} == \
+        {"taskfleet_publish_replicas": 1, "taskfleet_publish_replicas_timeout": 0.25}
+    assert not [k for k in conf["result_backend_transport_options"] if "publish" in k]
+    assert read_settings(SENTINEL_ENV).publish_replicas == 0
+
+
+def test_publish_replicas_need_the_sentinel_urls():
+    assert error(TASKFLEET_PUBLISH_REPLICAS="1") == (
+        "TASKFLEET_PUBLISH_REPLICAS=1 needs the HA tier's sentinel:// URLs (a single Redis host "
+        "has no replica to wait for): set it to 0, or list replicas in [redis_replicas] and "
+        "deploy")
+    assert settings(TASKFLEET_PUBLISH_REPLICAS="0").publish_replicas == 0
