@@ -71,9 +71,12 @@ BAD_INVENTORIES = {
         lambda g: g.update(workers=[ln.split()[0] + " ansible_host=localhost"
                                     if ln.startswith("worker1 ") else ln for ln in g["workers"]]),
         {}, "worker1: its name localhost resolves only to loopback"),
-    "dead-after within 3 heartbeats": (
-        None, {"worker2": "taskfleet_heartbeat_interval: 2\ntaskfleet_dead_after: 4\n"},
-        "taskfleet_dead_after (4) must be at least 3 x"),
+    # Two problems in one run (each run costs a preflight): every host's problems are reported.
+    "dead-after within 3 heartbeats, replicas to wait for without replicas": (
+        None, {"worker2": "taskfleet_heartbeat_interval: 2\ntaskfleet_dead_after: 4\n",
+               "worker1": "taskfleet_publish_replicas: 1\n"},
+        ("taskfleet_dead_after (4) must be at least 3 x",
+         "taskfleet_publish_replicas is 1 but the inventory has no [redis_replicas]")),
 }
 
 
@@ -89,8 +92,9 @@ def test_bad_inventory_stops_before_any_change(lab, tmp_path):
         run = ansible_playbook(inv, "deploy.yml", timeout=300)
         assert run.rc != 0, f"{case}: deploy accepted a bad inventory\n{run.out[-3000:]}"
         # Whitespace as one space: the YAML callback wraps long messages.
-        assert expected in " ".join(run.out.split()), \
-            f"{case}: error does not name {expected!r}\n{run.out[-3000:]}"
+        for text in (expected,) if isinstance(expected, str) else expected:
+            assert text in " ".join(run.out.split()), \
+                f"{case}: error does not name {text!r}\n{run.out[-3000:]}"
         changed = {h: r.get("changed", 0) for h, r in run.recap().items()}
         assert not any(changed.values()), f"{case}: changes were made: {changed}"
     for host in ("redis1", "worker1", "worker2", "client1"):

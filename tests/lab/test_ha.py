@@ -8,8 +8,10 @@ of 3), with the production settings. In each
 scenario the test's own client (a Celery client configured from the deploy's env file, as a node
 is: through the Sentinels) keeps submitting numbered `mark` tasks while the fault happens; it
 counts what the broker accepted (send_task returned), what it refused, and the ledger says what
-ran. Lost counts accepted numbers that never ran: replication is asynchronous, so a write the
-primary acknowledged just before it died may be gone, and this suite would show it. Nobody
+ran. Lost counts accepted numbers that never ran. Replication is asynchronous; the tier's
+default makes each publish wait for one replica (TASKFLEET_PUBLISH_REPLICAS=1, Redis WAIT), so
+an accepted task is on a replica before the client hears "accepted" -- a refusal
+(NotReplicated) is counted as refused, not accepted. Nobody
 restarts anything by hand; whether systemd restarted the worker is reported. Rows "ha-*" of
 docs/RELIABILITY.md.
 """
@@ -212,6 +214,8 @@ def migrate(cluster: DeployedLab, report: Report) -> None:
     assert "Sentinel quorum OK, 2 replicas linked to the primary" in run.out, run.out[-3000:]
     fleet = Fleet(cluster)
     assert fleet.settings.sentinel, "the deploy did not move the nodes to the Sentinels"
+    # The HA tier's default: a publish counts once a replica holds it (every row below).
+    assert fleet.settings.publish_replicas == 1, fleet.settings
     tally = fleet.finish(batch, numbers, timeout=MIGRATE_TASKS * MIGRATE_TASK_S + 120)
     row = report.scenario(
         "ha-migrate", f"HA: one Redis host to three with deploy.yml, {MIGRATE_TASKS} tasks "
@@ -282,8 +286,8 @@ def fault_scenario(fleet: Fleet, tier: Tier, report: Report, key: str, title: st
         worker_restarted=restarted,
         held_by="Sentinel promotes a replica (quorum 2 of 3); kombu's Sentinel transport and "
         "Celery's Sentinel result backend find it; heartbeats hand back what the lost "
-        "connection held" if failover else "the primary keeps serving; Sentinel drops the "
-        "replica and takes it back")
+        "connection held; a publish counts once a replica holds it (WAIT)" if failover else
+        "the primary keeps serving; Sentinel drops the replica and takes it back")
     # The guarantees: nothing accepted is lost, and the cluster carries on by itself -- at the
     # latest once systemd's watchdog (production 60 s) has restarted a worker whose event loop
     # blocked, plus the restart and the dead-after time. The 30 s target of the HA tier is
