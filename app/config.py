@@ -438,7 +438,33 @@ def celery_settings(s: Settings) -> dict[str, Any]:
     return settings
 
 
-def sentinel_kwargs(timeout: float, password: str | None) -> dict[str, Any]:
+class SentinelLogin(Mapping[str, Any]):
+    """redis-py's `sentinel_kwargs` (a mapping it unpacks into each Sentinel's client), shown
+    without its password. They are transport options, and a worker sends its transport options
+    in every `inspect stats` reply, JSON-encoded by kombu, which calls __json__: a plain dict
+    would put the Sentinels' password in the replies, and the Retry object made them fail."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kwargs = kwargs
+
+    def __getitem__(self, key: str) -> Any:
+        return self._kwargs[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._kwargs)
+
+    def __len__(self) -> int:
+        return len(self._kwargs)
+
+    def __json__(self) -> dict[str, Any]:
+        return {k: "***" if k == "password" else v if isinstance(v, int | float | str)
+                else repr(v) for k, v in self._kwargs.items()}
+
+    def __repr__(self) -> str:
+        return f"SentinelLogin({self.__json__()!r})"
+
+
+def sentinel_kwargs(timeout: float, password: str | None) -> SentinelLogin:
     """How a redis-py Sentinel manager reaches and logs into each Sentinel (their own password;
     the URLs carry Redis's): `timeout` to connect and to hear back, and one try. redis-py's
     client retries 10 times with backoff by default, so one cut-off Sentinel (the first in the
@@ -448,7 +474,7 @@ def sentinel_kwargs(timeout: float, password: str | None) -> dict[str, Any]:
                               "retry": Retry(NoBackoff(), 0)}
     if password:
         kwargs["password"] = password
-    return kwargs
+    return SentinelLogin(**kwargs)
 
 
 def sentinel_options(s: Settings) -> dict[str, Any]:

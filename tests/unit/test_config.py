@@ -404,6 +404,17 @@ def test_sentinel_urls_and_options():
     assert s.sentinel_args == {"master": "taskfleet", "sentinel_password": "sentinel-pw"}
 
 
+def test_sentinel_options_encode_without_the_password():
+    """A worker's transport options travel in `inspect stats` replies (kombu's JSON)."""
+    from kombu.utils.json import dumps, loads
+
+    options = celery_settings(read_settings(SENTINEL_ENV))["broker_transport_options"]
+    shown = loads(dumps(options))["sentinel_kwargs"]
+    assert shown["password"] == "***" and shown["socket_timeout"] == 1.0, shown
+    assert "sentinel-pw" not in dumps(options) + repr(options)
+    assert dict(options["sentinel_kwargs"])["password"] == "sentinel-pw"  # what redis-py gets
+
+
 def test_sentinel_password_is_optional_and_masked():
     s = read_settings({**SENTINEL_ENV, "TASKFLEET_SENTINEL_PASSWORD": ""})
     assert s.sentinel_password is None
