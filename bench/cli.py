@@ -13,12 +13,22 @@ from typing import Any, NoReturn
 
 from . import die, guarded, log
 from .machine import hardware, versions
-from .measure import FULL, QUICK, Bench, Sizes, find_baseline, find_kit, make_sides, ratio
+from .measure import (
+    FULL,
+    QUICK,
+    Bench,
+    Sizes,
+    find_baseline,
+    find_kit,
+    make_sides,
+    ratio,
+    replicas_part,
+)
 from .probe import JSON_MARK
 from .remote import BenchHosts, deploy_figures, latency_client, remote_latency
 from .report import print_table, write_outputs
 
-PARTS = ("throughput", "fire", "efficiency", "latency", "scaling", "deploy")
+PARTS = ("throughput", "fire", "efficiency", "latency", "scaling", "replicas", "deploy")
 # Targets from the project: ratios on the same hosts in one run, absolute for the others.
 TARGETS = {"throughput": 2.0, "fire": 3.0, "efficiency": 0.97, "latency_p50_ms": 5.0}
 
@@ -110,7 +120,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     client = None
     if "latency" in parts and args.inventory is not None and not args.json:
         client = latency_client(args.inventory)
-    need_workers = bool(parts - {"deploy"} - ({"latency"} if client else set()))
+    need_workers = bool(parts - {"deploy", "replicas"} - ({"latency"} if client else set()))
     start_workers = base is not None and (need_workers or client is not None)
     hosts = None
     if (start_workers or client) and not args.baseline_running:
@@ -148,6 +158,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 lat = b.latency_part()
             lat["from"] = result["hosts"]["latency_from"]
             result["figures"]["latency"] = lat
+        if "replicas" in parts:
+            result["figures"]["replicas"] = replicas_part(sizes, run_id)
         result["phases"] = b.phases
     finally:
         if hosts:

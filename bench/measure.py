@@ -12,6 +12,10 @@ Figures (each --repeat times; median, min and max):
   latency      one task at a time, client -> worker -> client, p50/p99 (on a client host when
                the inventory has one: bench.probe)
   scaling      throughput and efficiency with 1, 2 and 3 worker hosts
+  replicas     the HA tier only: what waiting for a replica (TASKFLEET_PUBLISH_REPLICAS, Redis
+               WAIT) costs a publish, kit with and without it in turns: a burst of `fire`
+               tasks (tasks/s) and `samples` single publishes (ms each), to a queue no worker
+               consumes (dropped after)
 """
 
 from __future__ import annotations
@@ -355,3 +359,55 @@ class Bench:
                                "p99_ms": round(percentile(ms, 99), 3),
                                "worker": nodes[0].name}
         return out
+
+
+def _noop() -> None:
+    """The task the replicas part publishes (nothing consumes it)."""
+
+
+def replicas_part(sizes: Sizes, run_id: str) -> dict[str, Any]:
+    """Publishing with and without WAIT, alternating in each repeat (see the module doc)."""
+    from dataclasses import replace
+
+    from celery import Celery
+
+    from app.config import celery_settings, get_settings
+    from app.publish import BATCH, BatchPublisher
+
+    s = get_settings()
+    if not s.sentinel:
+        return {"skipped": "no replicas: the HA tier ([redis_replicas]) is not deployed"}
+    wait = s.publish_replicas or 1
+    q = f"bench.{run_id}.replicas"
+    sides = {}
+    for n in (0, wait):
+        app = Celery(f"bench-replicas-{n}", set_as_current=False)
+        app.config_from_object(celery_settings(replace(s, publish_replicas=n)))
+        sides[n] = (app, app.task(name="bench.replicas.noop", shared=False)(_noop))
+    burst: dict[int, list[float]] = {n: [] for n in sides}
+    single: dict[int, list[float]] = {n: [] for n in sides}
+    try:
+        for _ in range(sizes.repeat):
+            for n, (app, task) in sides.items():
+                log(f"replicas: WAIT {n}, a burst of {sizes.fire} and {sizes.samples} singles")
+                t0 = time.perf_counter()
+                with BatchPublisher(app, BATCH) as pub:
+                    for _ in range(sizes.fire):
+                        pub.send(task, (), queue=q, ignore_result=True)
+                burst[n].append(sizes.fire / (time.perf_counter() - t0))
+                with BatchPublisher(app, 1) as pub:
+                    for _ in range(sizes.samples):
+                        t0 = time.perf_counter()
+                        pub.send(task, (), queue=q, ignore_result=True)
+                        single[n].append((time.perf_counter() - t0) * 1000)
+    finally:
+        app = sides[0][0]
+        with app.connection_for_write() as conn:
+            conn.default_channel.client.delete(
+                q, f"_kombu.binding.{q}", f"_kombu.binding_permanent.{q}")
+    return {"replicas": wait, "batch": BATCH,
+            "burst": {"wait": summary(burst[wait]), "no_wait": summary(burst[0]),
+                      "ratio": ratio(summary(burst[wait]), summary(burst[0]))},
+            "single_ms": {side: {"p50": round(percentile(ms, 50), 3),
+                                 "p99": round(percentile(ms, 99), 3)}
+                          for side, ms in (("wait", single[wait]), ("no_wait", single[0]))}}

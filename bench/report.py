@@ -71,6 +71,21 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                 tgt += " met" if lat["met"] else " MISSED"
             rows.append((f"latency {p[:3]} (ms, from {lat.get('from', '?')})", fmt(k, "ms"),
                          fmt(b, "ms"), f"{k / b:.2f}x" if b else "-", tgt))
+    rep = f.get("replicas")
+    if rep and "skipped" in rep:
+        rows.append((f"publish waiting for replicas: {rep['skipped']}", "-", "-", "-", ""))
+    elif rep:
+        # Both columns are the kit: with WAIT (kit) and without it (baseline column).
+        b = rep["burst"]
+        rows.append((f"publish burst, WAIT {rep['replicas']} vs none (tasks/s; batch "
+                     f"{rep['batch']})", fmt(b["wait"]["median"], "") + spread(b["wait"]),
+                     fmt(b["no_wait"]["median"], "") + spread(b["no_wait"]),
+                     f"{b['ratio']:.2f}x" if b["ratio"] else "-", ""))
+        one = rep["single_ms"]
+        for p in ("p50", "p99"):
+            k, n = one["wait"][p], one["no_wait"][p]
+            rows.append((f"one publish {p}, WAIT {rep['replicas']} vs none (ms)", fmt(k, "ms"),
+                         fmt(n, "ms"), f"{k / n:.2f}x" if n else "-", ""))
     for row in result.get("scaling", []):
         for part in ("throughput", "efficiency"):
             if part in row:

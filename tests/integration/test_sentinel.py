@@ -11,9 +11,11 @@ down-after is 1 s, only to keep the test short.
 
 from __future__ import annotations
 
+import json
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ import redis
 
 from .itkit import (
     REDIS_SERVER,
+    ROOT,
     USER,
     free_port,
     node_env,
@@ -244,3 +247,37 @@ def test_publish_waits_for_the_replica(ha: HA):
     finally:
         ha.procs[replica].send_signal(signal.SIGCONT)
     wait_for(lambda: ha.admin(replica).llen(queue) == 402, 20, "the replica to catch up")
+
+
+def test_bench_measures_what_waiting_for_a_replica_costs(ha: HA, tmp_path: Path):
+    """`python -m bench --only replicas`: publishes with and without WAIT in turns, through the
+    Sentinels; the WAITs it reports are the ones the primary counted, and it leaves no key."""
+    env = ha.env() | {"TASKFLEET_PUBLISH_REPLICAS": "1"}
+    primary, replica = ha.redis_ports
+    wait_for(lambda: ha.admin(replica).info("replication")["master_link_status"] == "up", 30,
+             "the replica's first sync")
+    # The bench finds the kit's workers first; this one publishes its replies without WAIT.
+    workers = start_workers(ha.env(), ["bench"], tmp_path)
+    try:
+        keys = set(ha.admin(primary).keys())
+        before = ha.admin(primary).info("commandstats").get("cmdstat_wait", {}).get("calls", 0)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench", "--only", "replicas", "--no-baseline", "--quick",
+             "--repeat", "2", "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=120, check=False)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH-JSON "))
+        rep = json.loads(line.removeprefix("BENCH-JSON "))["figures"]["replicas"]
+        after = ha.admin(primary).info("commandstats")["cmdstat_wait"]["calls"]
+        # --quick: bursts of 200 (2 pipelines of 100) and 20 single publishes, twice.
+        assert after - before == 2 * (2 + 20), rep
+        assert rep["replicas"] == 1 and len(rep["burst"]["wait"]["values"]) == 2, rep
+        for side in ("wait", "no_wait"):
+            assert rep["burst"][side]["median"] > 0, rep
+            assert 0 < rep["single_ms"][side]["p50"] <= rep["single_ms"][side]["p99"], rep
+        assert rep["burst"]["ratio"] == pytest.approx(
+            rep["burst"]["wait"]["median"] / rep["burst"]["no_wait"]["median"], rel=0.01)
+        assert set(ha.admin(primary).keys()) <= keys | {b"_kombu.binding.celery.pidbox"}, \
+            set(ha.admin(primary).keys()) - keys
+    finally:
+        stop_workers(workers)

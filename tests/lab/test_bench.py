@@ -79,6 +79,9 @@ def test_quick_bench_end_to_end(cluster, tmp_path):
     assert lat["ratio_p50"] == pytest.approx(lat["kit"]["p50_ms"] / lat["baseline"]["p50_ms"],
                                              rel=0.01)
 
+    # One Redis host: no replica to wait for, and the part says so instead of a figure.
+    assert "no replicas" in figures["replicas"]["skipped"], figures["replicas"]
+
     scaling = result["scaling"]
     assert [row["hosts"] for row in scaling] == list(range(1, len(workers) + 1))
     for row in scaling:
