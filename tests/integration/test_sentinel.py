@@ -25,11 +25,13 @@ import pytest
 import redis
 
 from .itkit import (
+    BIN,
     REDIS_SERVER,
     ROOT,
     USER,
     free_port,
     node_env,
+    run,
     run_cli,
     start_workers,
     stop_workers,
@@ -164,6 +166,14 @@ def test_worker_and_cli_follow_a_failover(ha: HA, tmp_path: Path):
     try:
         done = run_cli(env, "submit", "add", "1", "2", "--wait", "--timeout", "20")
         assert (done.returncode, done.stdout.strip()) == (0, "3"), done.stderr
+        # status lists workers from their inspect stats replies, which carry the transport
+        # options: encodable, and without the Sentinels' password.
+        status = run_cli(env, "status", "--timeout", "2")
+        assert workers[0].name in status.stdout, status.stdout + status.stderr
+        stats = run([str(BIN / "celery"), "-A", "app", "inspect", "stats", "--timeout", "2"],
+                    env, 30)
+        assert '"sentinel_kwargs"' in stats.stdout and '"***"' in stats.stdout, stats.stdout
+        assert ha.sentinel_pw not in stats.stdout, "the Sentinels' password in a stats reply"
 
         # Heartbeats through the Sentinel channel: a running task has an owner, stamped.
         primary = ha.primary()

@@ -216,6 +216,9 @@ def migrate(cluster: DeployedLab, report: Report) -> None:
     assert fleet.settings.sentinel, "the deploy did not move the nodes to the Sentinels"
     # The HA tier's default: a publish counts once a replica holds it (every row below).
     assert fleet.settings.publish_replicas == 1, fleet.settings
+    # The command line through the Sentinels (status reads the workers' inspect stats).
+    status = cluster.app("status", "--timeout", "3")
+    assert "worker@worker1" in status.stdout, status.stdout + status.stderr
     tally = fleet.finish(batch, numbers, timeout=MIGRATE_TASKS * MIGRATE_TASK_S + 120)
     row = report.scenario(
         "ha-migrate", f"HA: one Redis host to three with deploy.yml, {MIGRATE_TASKS} tasks "
