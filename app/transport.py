@@ -45,11 +45,11 @@ brpop_timeout (1 s) for its other priorities: there a message for an idle worker
 that long. A queue consumed without acks (a client's reply queue) keeps kombu's BRPOP.
 
 Publishing with TASKFLEET_PUBLISH_REPLICAS=N (HA tier): Redis replicates asynchronously, so a
-primary that dies right after taking a message may take it along. Each publish (one task, or
-one pipeline of a batch) then ends with `WAIT N timeout` on the same connection, and counts
-only once N replicas hold it; Sentinel promotes the replica furthest along, which then has it.
-Fewer in time raises NotReplicated: the message is on the primary and runs unless the primary
-dies before replicating it, and sending it again is safe (every task may run twice).
+primary that dies right after taking a message may take it along. Each publish of a task (one
+task, or one pipeline of a batch) then ends with `WAIT N timeout` on the same connection, and
+counts only once N replicas hold it; Sentinel promotes the replica furthest along, which then
+has it. Fewer in time raises NotReplicated: the message is on the primary and runs unless the
+primary dies before replicating it, and sending it again is safe (every task may run twice).
 
 With kombu's BRPOP (heartbeats off), a record that fails because Redis died after the pop is
 retried until Redis is back. A record made while the channel closes is written on a connection
@@ -345,8 +345,11 @@ class Channel(kombu_redis.Channel):
         return batch
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
-        """kombu's publish; with replicas to wait for, its commands and WAIT in one pipeline."""
-        if not self.connection.publish_replicas or kwargs.get("_publish_batch") is not None:
+        """kombu's publish; for a task, with replicas to wait for, its commands and WAIT in
+        one pipeline. Remote-control replies (a worker's event loop sends them) never wait:
+        their client has given up on them long before a failover is over."""
+        if not self.connection.publish_replicas or kwargs.get("_publish_batch") is not None \
+                or "task" not in (message.get("headers") or {}):
             return super()._put(queue, message, **kwargs)
         commands = _Commands()
         super()._put(queue, message, _publish_batch=commands, **kwargs)

@@ -266,8 +266,8 @@ def test_bench_measures_what_waiting_for_a_replica_costs(ha: HA, tmp_path: Path)
     primary, replica = ha.redis_ports
     wait_for(lambda: ha.admin(replica).info("replication")["master_link_status"] == "up", 30,
              "the replica's first sync")
-    # The bench finds the kit's workers first; this one publishes its replies without WAIT.
-    workers = start_workers(ha.env(), ["bench"], tmp_path)
+    # The bench finds the kit's workers first (their stats replies are sent without WAIT).
+    workers = start_workers(env, ["bench"], tmp_path)
     try:
         keys = set(ha.admin(primary).keys())
         before = ha.admin(primary).info("commandstats").get("cmdstat_wait", {}).get("calls", 0)
