@@ -12,9 +12,14 @@ per scrape, in one pipelined round trip (Redis's clock for every age):
 A worker that holds nothing has no stamps to read: that it is up is told by its own metrics
 endpoint (app/metrics.py), which Prometheus scrapes on each worker host.
 
-Runs as the systemd service taskfleet-exporter on the Redis host (role monitoring_exporters),
-with the app's settings and a Redis ACL user of its own that may only read
+Runs as the systemd service taskfleet-exporter on the Redis host (role monitoring), with the
+app's settings and a Redis ACL user of its own that may only read
 (TASKFLEET_EXPORTER_REDIS_USER/_PASSWORD replace the user of the broker URL).
+
+With the HA tier (sentinel:// URLs) one runs on every Redis host, each reading its own Redis
+(`--redis ADDRESS:PORT`): a replica holds the same queues, so only the exporter whose Redis the
+Sentinels name as the primary reports queues and workers, and after a failover the new
+primary's takes over by itself. Each reports taskfleet_redis_primary (1 or 0).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -54,11 +59,40 @@ def exporter_url(url: str, environ: dict[str, str] | os._Environ[str] = os.envir
                                             f"{quote(password, safe='')}@{host}"))
 
 
+def local_redis(s: Any, address: str) -> tuple[str, Callable[[], bool]]:
+    """The URL of the Redis at `address` (HOST:PORT), with the broker URLs' user (or the
+    exporter's own) and database, and a check: do the Sentinels name it the primary now?"""
+    from redis.sentinel import Sentinel
+
+    from .config import sentinel_kwargs
+    from .connection import sentinel_addresses
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        cli.die(f"--redis {address!r}: expected ADDRESS:PORT, e.g. 10.0.5.10:6379")
+    first = urlsplit(s.broker_url.split(";")[0])
+    netloc = first.netloc.rpartition("@")[0]
+    shown = f"[{host}]" if ":" in host.strip("[]") else host
+    url = exporter_url(urlunsplit(("redis", f"{netloc}@{shown}:{port}" if netloc else
+                                   f"{shown}:{port}", first.path or "/0", "", "")))
+    sentinels = Sentinel(sentinel_addresses(s.broker_url),
+                         sentinel_kwargs=sentinel_kwargs(s.connect_timeout, s.sentinel_password))
+    me = (host.strip("[]"), int(port))
+
+    def is_primary() -> bool:
+        ip, found_port = sentinels.discover_master(s.sentinel_master)
+        return (str(ip), int(found_port)) == me
+
+    return url, is_primary
+
+
 class ClusterCollector:
     """A prometheus_client collector: reads Redis when scraped, never in between."""
 
-    def __init__(self, url: str, queues: list[str], timeout: float, dead_after: float) -> None:
+    def __init__(self, url: str, queues: list[str], timeout: float, dead_after: float,
+                 is_primary: Callable[[], bool] | None = None) -> None:
         self.url, self.queues, self.timeout, self.dead_after = url, queues, timeout, dead_after
+        self.is_primary = is_primary  # HA tier: does this exporter's Redis hold the queues?
         self.first_seen: dict[str, float] = {}  # delivery tag -> Redis time, unstamped messages
         self.lock = threading.Lock()  # scrapes may come in parallel; first_seen is shared
 
@@ -109,6 +143,7 @@ class ClusterCollector:
         started = time.monotonic()
         try:
             state = self.read()
+            primary = self.is_primary() if self.is_primary is not None else True
         except Exception as exc:  # Redis away, an ACL refusal: say so, keep serving
             print(f"taskfleet exporter: cannot read Redis: {scrub(str(exc), self.url)}",
                   file=sys.stderr, flush=True)
@@ -117,6 +152,14 @@ class ClusterCollector:
             return
         up.add_metric([], 1)
         yield up
+        if self.is_primary is not None:
+            role = GaugeMetricFamily(
+                "taskfleet_redis_primary", "1 if the Sentinels name this exporter's Redis as the "
+                "primary: only then does it report queues and workers (HA tier)")
+            role.add_metric([], 1 if primary else 0)
+            yield role
+            if not primary:
+                return
         depth = GaugeMetricFamily("taskfleet_queue_messages",
                                   "Messages waiting in a queue, priority sub-queues included",
                                   labels=["queue"])
@@ -179,6 +222,10 @@ class Exporter:
         p.add_argument("--queue", metavar="NAME", type=cli.queue_name, action="append",
                        default=[], help="a queue to watch (repeatable); the default queue is "
                                         "always watched")
+        p.add_argument("--redis", metavar="ADDRESS:PORT",
+                       help="with sentinel:// URLs (HA tier): read this Redis server, the one "
+                            "on this host, and report queues and workers only while the "
+                            "Sentinels name it the primary")
         p.add_argument("--once", action="store_true",
                        help="print the metrics once and exit (1 if Redis cannot be read)")
 
@@ -187,10 +234,21 @@ class Exporter:
         from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 
         s = cli.settings()
-        url = exporter_url(s.broker_url)
+        is_primary = None
+        if s.sentinel:
+            if not args.redis:
+                cli.die("with sentinel:// URLs, --redis ADDRESS:PORT names the Redis to read "
+                        "(the one on this host)")
+            url, is_primary = local_redis(s, args.redis)
+            s = dataclasses.replace(s, sentinel_master=None, sentinel_password=None)
+        elif args.redis:
+            cli.die("--redis is for the HA tier (sentinel:// URLs); without it the exporter "
+                    "reads the broker URL's Redis")
+        else:
+            url = exporter_url(s.broker_url)
         cli.check_redis(dataclasses.replace(s, broker_url=url))
         queues = sorted({s.default_queue, *args.queue})
-        collector = ClusterCollector(url, queues, s.connect_timeout, s.dead_after)
+        collector = ClusterCollector(url, queues, s.connect_timeout, s.dead_after, is_primary)
         registry = CollectorRegistry()
         registry.register(collector)
         if args.once:

@@ -291,3 +291,26 @@ def test_bench_measures_what_waiting_for_a_replica_costs(ha: HA, tmp_path: Path)
             set(ha.admin(primary).keys()) - keys
     finally:
         stop_workers(workers)
+
+
+def test_exporter_reports_queues_from_the_primary_only(ha: HA):
+    """With sentinel:// URLs the exporter reads the Redis it is given (its host's): the
+    primary's reports queues and taskfleet_redis_primary 1, a replica's only that it is up and
+    not the primary -- one series per queue across the tier, whichever host is primary."""
+    env = ha.env()
+    primary, replica = ha.redis_ports
+    sent = run_cli(env, "submit", "add", "1", "2", "--count", "3")
+    assert sent.returncode == 0, sent.stderr
+    wait_for(lambda: ha.admin(replica).llen("celery") == 3, 10, "the replica to hold the queue")
+    on_primary = run_cli(env, "exporter", "--once", "--redis", f"127.0.0.1:{primary}")
+    assert on_primary.returncode == 0, on_primary.stderr
+    assert "taskfleet_redis_primary 1.0" in on_primary.stdout, on_primary.stdout
+    assert 'taskfleet_queue_messages{queue="celery"} 3.0' in on_primary.stdout, on_primary.stdout
+    on_replica = run_cli(env, "exporter", "--once", "--redis", f"127.0.0.1:{replica}")
+    assert on_replica.returncode == 0, on_replica.stderr
+    assert "taskfleet_redis_up 1.0" in on_replica.stdout, on_replica.stdout
+    assert "taskfleet_redis_primary 0.0" in on_replica.stdout, on_replica.stdout
+    assert "taskfleet_queue_messages" not in on_replica.stdout, on_replica.stdout
+    missing = run_cli(env, "exporter", "--once")
+    assert missing.returncode != 0 and "--redis ADDRESS:PORT" in missing.stderr, missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr

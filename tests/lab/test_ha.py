@@ -2,9 +2,10 @@
 queued; then the primary's host crashes, the primary is cut off for 60 s, a replica's host
 crashes -- and the cluster carries on.
 
-redis1 ([redis], the first primary) and worker1 are deployed first with one Redis host; then
-replica1 and replica2 join [redis_replicas] and deploy.yml adds a Sentinel on each (quorum 2
-of 3), with the production settings. In each
+redis1 ([redis], the first primary) and worker1 are deployed first with one Redis host, and
+the monitoring tier with Prometheus on worker1 (scrapes every 2 s); then replica1 and replica2
+join [redis_replicas] and deploy.yml adds a Sentinel on each (quorum 2 of 3), with the
+production settings, and the exporters on each. In each
 scenario the test's own client (a Celery client configured from the deploy's env file, as a node
 is: through the Sentinels) keeps submitting numbered `mark` tasks while the fault happens; it
 counts what the broker accepted (send_task returned), what it refused, and the ledger says what
@@ -21,10 +22,13 @@ from __future__ import annotations
 import contextlib
 import difflib
 import itertools
+import json
 import os
 import re
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +56,12 @@ PARTITION_S = 60
 EVERY_S = 0.2  # the client submits a task this often, each runs this long:
 TASK_S = 0.3
 FAULT_WINDOW_S = 30  # and keeps submitting this long after the fault
+PROMETHEUS = 9090  # on worker1, the lab's monitoring host
+GROUP_VARS = """\
+# Written by tests/lab/test_ha.py: the monitoring tier scrapes often, so the test waits little.
+monitoring_scrape_interval: 2s
+monitoring_evaluation_interval: 2s
+"""
 # Queued on the one Redis host before it becomes the HA tier: more work than the switch takes.
 MIGRATE_TASKS, MIGRATE_TASK_S = 240, 0.5
 
@@ -176,6 +186,11 @@ def ha(report: Report) -> Iterator[tuple[Fleet, Tier]]:
         start = time.monotonic()
         # One Redis host first, as a cluster starts; the module turns it into the HA tier.
         lab.up(redis=1, workers=1, distros=(HA_DISTRO, WORKER_DISTRO))  # round robin
+        inventory = lab.inventory_path.parent
+        (inventory / "group_vars").mkdir(exist_ok=True)
+        (inventory / "group_vars" / "all.yml").write_text(GROUP_VARS)
+        (inventory / "monitoring.ini").write_text(
+            "# Written by tests/lab/test_ha.py\n[monitoring]\nworker1\n")
         cluster = DeployedLab(lab)
         run = cluster.deploy()
         record_timing("ha lab: up + cold deploy, one Redis host (2 hosts)",
@@ -353,6 +368,48 @@ def test_primary_partitioned(ha: tuple[Fleet, Tier], report: Report):
         heal_after=PARTITION_S, failover=True)
     assert row["new_primary"] not in (None, victim)
     row["passed"] = True
+
+
+def prometheus(cluster: DeployedLab, path: str, **params: str) -> Any:
+    """GET Prometheus's API on worker1 from the controller (admitted by its firewall)."""
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    url = f"http://{cluster.lab.ip('worker1')}:{PROMETHEUS}/api/v1/{path}{query}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def test_monitoring_follows_the_primary(ha: tuple[Fleet, Tier]):
+    """After the failovers above: both exporters of every Redis host are up (the Redis
+    exporter's ACL user exists on each), and exactly one Taskfleet exporter reports the queues
+    -- the one on the host the Sentinels name as primary now."""
+    fleet, tier = ha
+    cluster = fleet.cluster
+    assert wait_until(tier.whole, 60), tier.replicas()
+    primary = tier.primary()
+    expected = {(job, host) for job in ("redis", "taskfleet") for host in REDIS_HOSTS}
+    seen: dict[str, Any] = {}
+
+    def settled() -> bool:
+        targets = prometheus(cluster, "targets")["activeTargets"]
+        seen["targets"] = {(t["labels"]["job"], t["labels"]["host"]): t["health"]
+                           for t in targets if t["labels"]["job"] in ("redis", "taskfleet")}
+        result = prometheus(cluster, "query", query="taskfleet_redis_primary")["result"]
+        seen["primary"] = {r["metric"]["host"]: r["value"][1] for r in result}
+        result = prometheus(cluster, "query", query='taskfleet_queue_messages{queue="celery"}')
+        seen["queues"] = sorted(r["metric"]["host"] for r in result["result"])
+        result = prometheus(cluster, "query", query="redis_up")["result"]
+        seen["redis_up"] = {r["metric"]["host"]: r["value"][1] for r in result}
+        return (set(seen["targets"]) == expected and set(seen["targets"].values()) == {"up"}
+                and seen["primary"] == {h: "1" if h == primary else "0" for h in REDIS_HOSTS}
+                and seen["queues"] == [primary]
+                and seen["redis_up"] == dict.fromkeys(REDIS_HOSTS, "1"))
+
+    assert wait_until(settled, 60, step=1.0), (primary, seen)
+    firing = [a["labels"]["alertname"] for a in prometheus(cluster, "alerts")["alerts"]
+              if a["state"] == "firing"]
+    assert "TaskfleetNoRedisPrimary" not in firing, firing
 
 
 def test_replica_added_then_removed(ha: tuple[Fleet, Tier], report: Report):

@@ -241,6 +241,10 @@ tests:
         values: '95x400'
       - series: 'taskfleet_queue_oldest_message_age_seconds{{queue="celery"}}'
         values: '400x100'
+      - series: 'taskfleet_redis_primary{{host="redis1"}}'
+        values: '1 1 0x100'
+      - series: 'taskfleet_redis_primary{{host="replica1"}}'
+        values: '0x100'
     alert_rule_test:
       - eval_time: 6s
         alertname: TaskfleetWorkerDown
@@ -267,6 +271,19 @@ tests:
               description: >-
                 With noeviction a full Redis refuses new tasks: drain queues, or raise
                 redis_maxmemory.
+      - eval_time: 6s
+        alertname: TaskfleetNoRedisPrimary
+        exp_alerts: []
+      - eval_time: 16s
+        alertname: TaskfleetNoRedisPrimary
+        exp_alerts:
+          - exp_labels: {{severity: critical}}
+            exp_annotations:
+              summary: "No Redis host is the primary, as far as the Taskfleet exporters can tell"
+              description: >-
+                No exporter's Redis is the primary the Sentinels name: redis-cli -p 26379
+                sentinel master taskfleet on a Redis host, and journalctl -u taskfleet-exporter
+                there.
       - eval_time: 3m
         alertname: TaskfleetQueueOldMessage
         exp_alerts:
