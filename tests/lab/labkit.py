@@ -7,14 +7,18 @@ TASKFLEET_TEST_SUBNET choose another one.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +34,8 @@ LOGIN_USER = "admin"
 # never read by a test.
 TIMINGS: dict[str, float] = {}
 
+
+PROMETHEUS_PORT = 9090  # the monitoring tier's Prometheus (role monitoring)
 
 def record_timing(name: str, seconds: float) -> None:
     """Keep a wall time for the terminal summary and for the docs generators."""
@@ -119,6 +125,16 @@ class DeployedLab:
 
     def workers(self) -> list[str]:
         return [h["name"] for h in self.lab.status() if h["group"] == "workers"]
+
+    def prometheus(self, host: str, path: str, **params: str) -> Any:
+        """GET the API of the Prometheus on `host` from the controller (which the monitoring
+        firewall admits): the `data` of a successful answer."""
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        url = f"http://{self.lab.ip(host)}:{PROMETHEUS_PORT}/api/v1/{path}{query}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = json.loads(response.read())
+        assert body["status"] == "success", body
+        return body["data"]
 
     def explain(self, run: Run) -> str:
         """Why a deploy failed, for an assertion message: every failed task in full (a cold

@@ -22,13 +22,10 @@ from __future__ import annotations
 import contextlib
 import difflib
 import itertools
-import json
 import os
 import re
 import threading
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +53,6 @@ PARTITION_S = 60
 EVERY_S = 0.2  # the client submits a task this often, each runs this long:
 TASK_S = 0.3
 FAULT_WINDOW_S = 30  # and keeps submitting this long after the fault
-PROMETHEUS = 9090  # on worker1, the lab's monitoring host
 GROUP_VARS = """\
 # Written by tests/lab/test_ha.py: the monitoring tier scrapes often, so the test waits little.
 monitoring_scrape_interval: 2s
@@ -370,16 +366,6 @@ def test_primary_partitioned(ha: tuple[Fleet, Tier], report: Report):
     row["passed"] = True
 
 
-def prometheus(cluster: DeployedLab, path: str, **params: str) -> Any:
-    """GET Prometheus's API on worker1 from the controller (admitted by its firewall)."""
-    query = f"?{urllib.parse.urlencode(params)}" if params else ""
-    url = f"http://{cluster.lab.ip('worker1')}:{PROMETHEUS}/api/v1/{path}{query}"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        body = json.loads(response.read())
-    assert body["status"] == "success", body
-    return body["data"]
-
-
 def test_monitoring_follows_the_primary(ha: tuple[Fleet, Tier]):
     """After the failovers above: both exporters of every Redis host are up (the Redis
     exporter's ACL user exists on each), and exactly one Taskfleet exporter reports the queues
@@ -391,15 +377,18 @@ def test_monitoring_follows_the_primary(ha: tuple[Fleet, Tier]):
     expected = {(job, host) for job in ("redis", "taskfleet") for host in REDIS_HOSTS}
     seen: dict[str, Any] = {}
 
+    def query(path: str, **params: str) -> Any:
+        return cluster.prometheus("worker1", path, **params)  # the lab's monitoring host
+
     def settled() -> bool:
-        targets = prometheus(cluster, "targets")["activeTargets"]
+        targets = query("targets")["activeTargets"]
         seen["targets"] = {(t["labels"]["job"], t["labels"]["host"]): t["health"]
                            for t in targets if t["labels"]["job"] in ("redis", "taskfleet")}
-        result = prometheus(cluster, "query", query="taskfleet_redis_primary")["result"]
+        result = query("query", query="taskfleet_redis_primary")["result"]
         seen["primary"] = {r["metric"]["host"]: r["value"][1] for r in result}
-        result = prometheus(cluster, "query", query='taskfleet_queue_messages{queue="celery"}')
+        result = query("query", query='taskfleet_queue_messages{queue="celery"}')
         seen["queues"] = sorted(r["metric"]["host"] for r in result["result"])
-        result = prometheus(cluster, "query", query="redis_up")["result"]
+        result = query("query", query="redis_up")["result"]
         seen["redis_up"] = {r["metric"]["host"]: r["value"][1] for r in result}
         return (set(seen["targets"]) == expected and set(seen["targets"].values()) == {"up"}
                 and seen["primary"] == {h: "1" if h == primary else "0" for h in REDIS_HOSTS}
@@ -407,7 +396,7 @@ def test_monitoring_follows_the_primary(ha: tuple[Fleet, Tier]):
                 and seen["redis_up"] == dict.fromkeys(REDIS_HOSTS, "1"))
 
     assert wait_until(settled, 60, step=1.0), (primary, seen)
-    firing = [a["labels"]["alertname"] for a in prometheus(cluster, "alerts")["alerts"]
+    firing = [a["labels"]["alertname"] for a in query("alerts")["alerts"]
               if a["state"] == "firing"]
     assert "TaskfleetNoRedisPrimary" not in firing, firing
 

@@ -12,7 +12,6 @@ TASKFLEET_TEST_MON_LAB / TASKFLEET_TEST_MON_SUBNET choose another lab.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import urllib.parse
@@ -66,13 +65,8 @@ def mon() -> Iterator[DeployedLab]:
 
 
 def api(cluster: DeployedLab, path: str, **params: str):
-    """GET Prometheus's API from the controller (admitted by the monitoring firewall)."""
-    query = f"?{urllib.parse.urlencode(params)}" if params else ""
-    url = f"http://{cluster.lab.ip('redis1')}:{PROMETHEUS}/api/v1/{path}{query}"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        body = json.loads(response.read())
-    assert body["status"] == "success", body
-    return body["data"]
+    """GET the API of the Prometheus on redis1 (the lab's monitoring host)."""
+    return cluster.prometheus("redis1", path, **params)
 
 
 def value(cluster: DeployedLab, expr: str) -> float | None:
