@@ -278,9 +278,13 @@ class Submit:
         print(f"submitted {len(results)}/{args.count} tasks to queue {queue!r} in "
               f"{published:.2f} s ({rate(len(results), published)})")
         if first_error is not None:
+            from .transport import NotReplicated
+
             never = failed - unconfirmed
+            why = ("Redis took them but too few replicas confirmed in time"
+                   if isinstance(first_error, NotReplicated) else "Redis failed during their batch")
             print(f"{cli.PROG}: error: {failed} submissions failed ({unconfirmed} unconfirmed: "
-                  f"Redis failed during their batch, they may still run; {never} not sent); "
+                  f"{why}, they may still run; {never} not sent); "
                   f"first error: {one_line(first_error, app.conf.broker_url)}",
                   file=sys.stderr)
         try:
