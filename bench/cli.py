@@ -25,10 +25,11 @@ from .measure import (
     replicas_part,
 )
 from .probe import JSON_MARK
-from .remote import BenchHosts, deploy_figures, latency_client, remote_latency
+from .remote import BenchHosts, admin_redis, deploy_figures, latency_client, remote_latency
 from .report import print_table, write_outputs
 
-PARTS = ("throughput", "fire", "efficiency", "latency", "scaling", "replicas", "deploy")
+PARTS = ("throughput", "fire", "efficiency", "latency", "scaling", "replicas", "fsync",
+         "deploy")
 # Targets from the project: ratios on the same hosts in one run, absolute for the others.
 TARGETS = {"throughput": 2.0, "fire": 3.0, "efficiency": 0.97, "latency_p50_ms": 5.0}
 
@@ -120,7 +121,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     client = None
     if "latency" in parts and args.inventory is not None and not args.json:
         client = latency_client(args.inventory)
-    need_workers = bool(parts - {"deploy", "replicas"} - ({"latency"} if client else set()))
+    # Parts that compare with the baseline workers (fsync and replicas measure the kit alone).
+    need_workers = bool(parts - {"deploy", "replicas", "fsync"}
+                        - ({"latency"} if client else set()))
     start_workers = base is not None and (need_workers or client is not None)
     hosts = None
     if (start_workers or client) and not args.baseline_running:
@@ -160,6 +163,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             result["figures"]["latency"] = lat
         if "replicas" in parts:
             result["figures"]["replicas"] = replicas_part(sizes, run_id)
+        if "fsync" in parts:
+            admin, why_not = admin_redis(args.inventory)
+            result["figures"]["fsync"] = b.fsync_part(admin) if admin else {"skipped": why_not}
         result["phases"] = b.phases
     finally:
         if hosts:

@@ -16,6 +16,10 @@ Figures (each --repeat times; median, min and max):
                WAIT) costs a publish, kit with and without it in turns: a burst of `fire`
                tasks (tasks/s) and `samples` single publishes (ms each), to a queue no worker
                consumes (dropped after)
+  fsync        what the AOF policy costs: the kit's throughput and fire-and-forget runs at the
+               most hosts with Redis's `appendfsync always` (the role's default: a write is on
+               disk before Redis answers it) and `everysec`, in turns within each repeat; set
+               with CONFIG SET by the operators' ACL user, and set back after
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from . import BenchError, log
 from .machine import CpuMeter
 
 SLEEP_SECONDS = 0.1
+# The fsync part's Redis AOF policies, the default first (deploy/roles/redis).
+FSYNC_POLICIES = ("always", "everysec")
 
 
 @dataclass(frozen=True)
@@ -241,7 +247,8 @@ class Bench:
         side.collect(results, timeout=30)
         side.forget(results)
 
-    def throughput(self, side: Side, q: str, nodes: list[Node], n: int) -> float:
+    def throughput(self, side: Side, q: str, nodes: list[Node], n: int,
+                   phase: str = "throughput") -> float:
         # Where the time goes, read around (not inside) the timed part: the workers' own CPU
         # counters (main process: consumer, Redis I/O, events; prefork children not included)
         # and this client's CPU, per task.
@@ -256,14 +263,14 @@ class Bench:
         used = cpu.per_task(n)
         worker_cpu1 = side.cpu_seconds(nodes)
         side.forget(results)
-        self.phases.setdefault(f"throughput.{side.label}", []).append({
+        self.phases.setdefault(f"{phase}.{side.label}", []).append({
             "submit_s": round(t1 - t0, 4), "collect_s": round(t2 - t1, 4),
             "wall_ms_per_task": round((t2 - t0) / n * 1000, 3),
             "worker_main_cpu_ms_per_task": round((worker_cpu1 - worker_cpu0) / n * 1000, 3),
             **used})
         return n / (t2 - t0)
 
-    def fire(self, side: Side, q: str, nodes: list[Node], n: int) -> float:
+    def fire(self, side: Side, q: str, nodes: list[Node], n: int, phase: str = "fire") -> float:
         name = side.noop.name
         before = side.started_count(nodes, name)
         cpu = CpuMeter(side.app)
@@ -284,7 +291,7 @@ class Bench:
                     raise BenchError(f"{side.label}: fire-and-forget tasks not drained in time")
                 time.sleep(0.005)
             t2 = time.perf_counter()
-        self.phases.setdefault(f"fire.{side.label}", []).append(
+        self.phases.setdefault(f"{phase}.{side.label}", []).append(
             {"submit_s": round(t1 - t0, 4), "drain_after_submit_s": round(t2 - t1, 4),
              **cpu.per_task(n)})
         return n / (t2 - t0)
@@ -359,6 +366,43 @@ class Bench:
                                "p99_ms": round(percentile(ms, 99), 3),
                                "worker": nodes[0].name}
         return out
+
+
+    def fsync_part(self, admin: Any) -> dict[str, Any]:
+        """The kit under each AOF fsync policy in turn (see the module doc). `admin`: a redis-py
+        client of the broker's Redis (the primary, with Sentinel) allowed CONFIG and INFO."""
+        nodes = self.kit.nodes
+        was = admin.config_get("appendfsync")["appendfsync"]
+        runs: dict[str, dict[str, list[float]]] = {p: {"throughput": [], "fire": []}
+                                                   for p in FSYNC_POLICIES}
+        # Redis counts the fsyncs `everysec` postponed because the disk was slow: writes it
+        # answered while they sat in its own buffer, which a crash then loses.
+        postponed = dict.fromkeys(FSYNC_POLICIES, 0)
+        try:
+            with self.on(self.kit, nodes, "fsync") as q:
+                self.warm(self.kit, q)
+                for _ in range(self.sizes.repeat):
+                    for policy in FSYNC_POLICIES:
+                        admin.config_set("appendfsync", policy)
+                        before = int(admin.info("persistence").get("aof_delayed_fsync", 0))
+                        log(f"fsync {policy}: throughput {self.sizes.tasks} tasks, "
+                            f"fire-and-forget {self.sizes.fire}")
+                        runs[policy]["throughput"].append(self.throughput(
+                            self.kit, q, nodes, self.sizes.tasks, phase=f"fsync.{policy}"))
+                        runs[policy]["fire"].append(self.fire(
+                            self.kit, q, nodes, self.sizes.fire, phase=f"fsync.{policy}"))
+                        postponed[policy] += (
+                            int(admin.info("persistence").get("aof_delayed_fsync", 0)) - before)
+        finally:
+            admin.config_set("appendfsync", was)
+        out: dict[str, Any] = {"hosts": len(nodes), "policy_before": was,
+                               "postponed_fsyncs": postponed}
+        for part in ("throughput", "fire"):
+            always, everysec = summary(runs["always"][part]), summary(runs["everysec"][part])
+            out[part] = {"always": always, "everysec": everysec,
+                         "ratio": ratio(always, everysec)}
+        return out
+
 
 
 def _noop() -> None:

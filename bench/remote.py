@@ -28,6 +28,10 @@ PLAYBOOK = REPO / "playbooks" / "bench.yml"
 # Layout of a deployed host (deploy/roles/taskfleet defaults).
 HOST_PYTHON = "/opt/taskfleet/venv/bin/python"
 HOST_ENV_FILE = "/etc/taskfleet/taskfleet.env"
+# The operators' ACL user (deploy/roles/redis: redis_admin_user) and where the deploy generated
+# its password, under the inventory.
+ADMIN_USER = "admin"
+ADMIN_SECRET = Path(".secrets") / "redis_admin_password"
 
 
 def run_cmd(cmd: list[str], timeout: float = 300,
@@ -113,6 +117,34 @@ def remote_latency(inventory: Path, client: str, sizes: Sizes,
             remote, _ = json.JSONDecoder().raw_decode(line[len(JSON_MARK):])
             return dict(remote["latency"])
     raise BenchError(f"no result line from the latency run on {client}")
+
+
+def admin_redis(inventory: Path | None) -> tuple[Any, str | None]:
+    """(client, None): a redis-py client of the broker's Redis (the primary, with Sentinel) as
+    the operators' ACL user, whose password the deploy generated under the inventory; or
+    (None, why not)."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    from app.config import get_settings
+    from app.connection import client
+
+    if inventory is None:
+        return None, "needs --inventory (the Redis admin password is in its .secrets)"
+    secret = inventory / ADMIN_SECRET
+    if not secret.is_file():
+        return None, (f"no {secret}: the part sets appendfsync as the `{ADMIN_USER}` user, "
+                      "whose password the deploy generates there (unless set from a Vault)")
+    password = secret.read_text().strip()
+    s = get_settings()
+
+    def as_admin(url: str) -> str:
+        """The URL with the admin's login (a sentinel:// URL carries the primary's login)."""
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{ADMIN_USER}:{quote(password, safe='')}@{host}"))
+
+    url = ";".join(as_admin(u) for u in s.broker_url.split(";"))
+    return client(url, 5.0, **s.sentinel_args), None
 
 
 def deploy_figures(measure: bool, inventory: Path | None) -> dict[str, Any]:

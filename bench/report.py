@@ -86,6 +86,21 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             k, n = one["wait"][p], one["no_wait"][p]
             rows.append((f"one publish {p}, WAIT {rep['replicas']} vs none (ms)", fmt(k, "ms"),
                          fmt(n, "ms"), f"{k / n:.2f}x" if n else "-", ""))
+    fs = f.get("fsync")
+    if fs and "skipped" in fs:
+        rows.append((f"Redis appendfsync always vs everysec: {fs['skipped']}", "-", "-", "-", ""))
+    elif fs:
+        # Both columns are the kit: `always` (the role's default) and `everysec`.
+        for key, label in (("throughput", "throughput with results"),
+                           ("fire", "fire-and-forget")):
+            x = fs[key]
+            rows.append((f"{label}, appendfsync always vs everysec (tasks/s, {fs['hosts']} "
+                         f"hosts)", fmt(x["always"]["median"], "") + spread(x["always"]),
+                         fmt(x["everysec"]["median"], "") + spread(x["everysec"]),
+                         f"{x['ratio']:.2f}x" if x["ratio"] else "-", ""))
+        late = fs["postponed_fsyncs"]
+        rows.append(("AOF fsyncs Redis postponed (slow disk: answered writes not yet written)",
+                     str(late["always"]), str(late["everysec"]), "", ""))
     for row in result.get("scaling", []):
         for part in ("throughput", "efficiency"):
             if part in row:

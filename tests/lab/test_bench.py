@@ -29,6 +29,17 @@ def bench(cluster, *args: str, timeout: float = 300) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def appendfsync(cluster) -> str:
+    """redis1's running AOF fsync policy (CONFIG GET as the operators' ACL user, whose
+    password the deploy generated; it goes through stdin, never argv)."""
+    password = (cluster.inventory / ".secrets" / "redis_admin_password").read_text().strip()
+    script = ('read -r REDISCLI_AUTH; export REDISCLI_AUTH; '
+              'exec redis-cli --no-auth-warning --user admin "$@"')
+    out = cluster.lab.ssh("redis1", "bash", "-c", script, "redis-cli", "CONFIG", "GET",
+                          "appendfsync", check=True, input=password + "\n", timeout=30).stdout
+    return out.split()[-1]
+
+
 def positive(x) -> bool:
     return isinstance(x, int | float) and x > 0
 
@@ -81,6 +92,18 @@ def test_quick_bench_end_to_end(cluster, tmp_path):
 
     # One Redis host: no replica to wait for, and the part says so instead of a figure.
     assert "no replicas" in figures["replicas"]["skipped"], figures["replicas"]
+
+    # The AOF policy's cost: the kit under both, and Redis set back to the role's default.
+    fsync = figures["fsync"]
+    assert fsync["policy_before"] == "always", fsync
+    for key in ("throughput", "fire"):
+        for policy in ("always", "everysec"):
+            assert all(positive(v) for v in fsync[key][policy]["values"]), fsync
+        assert fsync[key]["ratio"] == pytest.approx(
+            fsync[key]["always"]["median"] / fsync[key]["everysec"]["median"], rel=0.01)
+    assert fsync["postponed_fsyncs"]["always"] == 0, fsync
+    assert appendfsync(cluster) == "always"
+    assert "appendfsync always vs everysec" in proc.stdout
 
     scaling = result["scaling"]
     assert [row["hosts"] for row in scaling] == list(range(1, len(workers) + 1))
