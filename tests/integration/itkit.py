@@ -66,9 +66,10 @@ class RedisServer:
 
 
 class CrashableRedis:
-    """A redis-server with AOF on (as deployed) that can be SIGKILLed and restarted."""
+    """A redis-server with AOF on, as deployed (`appendfsync always`: every write is on disk
+    before Redis answers it), that can be SIGKILLed and restarted."""
 
-    def __init__(self, workdir: Path, fsync: str = "everysec") -> None:
+    def __init__(self, workdir: Path, fsync: str = "always") -> None:
         self.dir, self.port, self.fsync = workdir, free_port(), fsync
         self.password, self.admin_pw = secrets.token_hex(12), secrets.token_hex(12)
         self.proc: subprocess.Popen | None = None

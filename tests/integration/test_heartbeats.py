@@ -344,8 +344,7 @@ def test_redis_killed_mid_sweep_loses_and_doubles_nothing(tmp_path: Path):
     redis.start()
     try:
         tags = plant(redis, "swept", 4000, age=DEAD_AFTER + 5, owner="gone:1")
-        # Every write on disk before Redis answers it: what the sweep did is what survives.
-        redis.admin().config_set("appendfsync", "always")
+        # appendfsync always (as deployed): what the sweep did is what survives.
         sweeper = threading.Thread(target=sweep_threads, args=(redis.url(), 1, True))
         sweeper.start()
         admin = redis.admin()

@@ -344,7 +344,7 @@ def test_redis_host_reboot_keeps_queued_tasks(fleet: Fleet, report: Report):
         recovery_what="reboot + running workers consuming again",
         redis_back_s=round(back_s, 1), queued_survived=queued,
         restarted=[w for w in others if cluster.main_pid(w) != pids[w]],
-        held_by="appendonly yes + appendfsync everysec (AOF replayed at boot); "
+        held_by="appendonly yes + appendfsync always (AOF replayed at boot); "
                 "broker_connection_retry (workers reconnect)")
     assert not tally.lost, f"lost: {tally.lost}"
     assert all(v is not None for v in resumed.values()), resumed
