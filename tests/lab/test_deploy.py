@@ -155,7 +155,10 @@ def test_canary_on_each_host_queue(cluster: DeployedLab):
 
 
 def test_batch_spreads_over_workers(cluster: DeployedLab):
-    proc = cluster.app("submit", "whoami", "--count", "40", "--wait", "--timeout", "60")
+    # Tasks that take a while (0.3 s): one worker reserves only as many as its pool runs at
+    # once (prefetch 1), so the others must take the rest. With instant tasks one worker can
+    # run all 40 before another's wait returns, which says nothing about the cluster.
+    proc = cluster.app("submit", "sleep", "0.3", "--count", "40", "--wait", "--timeout", "60")
     assert proc.returncode == 0, proc.stderr
     assert "worker1" in proc.stdout and "worker2" in proc.stdout, proc.stdout
 
