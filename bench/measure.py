@@ -165,6 +165,14 @@ class Side:
             backend.client.delete(*keys[i:i + 1000])
 
 
+def drop_queue(app: Any, q: str) -> None:
+    """A run's queue is never used again: drop it (and anything a failed run left in it) and
+    kombu's exchange-binding sets for it, so runs leave no keys behind."""
+    with app.connection_for_write() as conn:
+        conn.default_channel.client.delete(
+            q, f"_kombu.binding.{q}", f"_kombu.binding_permanent.{q}")
+
+
 def make_sides(with_baseline: bool) -> tuple[Side, Side | None]:
     from app.celery import app
     from app.tasks import noop, sleep
@@ -234,11 +242,7 @@ class Bench:
             yield q
         finally:
             side.detach(q, nodes)
-            with side.app.connection_for_write() as conn:
-                # The run's queue is never used again: drop it (and anything a failed run left
-                # in it) and kombu's exchange-binding sets for it, so runs leave no keys behind.
-                conn.default_channel.client.delete(
-                    q, f"_kombu.binding.{q}", f"_kombu.binding_permanent.{q}")
+            drop_queue(side.app, q)
 
     def warm(self, side: Side, q: str) -> None:
         """A few tasks first so connections and pools exist before the clock starts."""
@@ -445,13 +449,10 @@ def replicas_part(sizes: Sizes, run_id: str) -> dict[str, Any]:
                         pub.send(task, (), queue=q, ignore_result=True)
                         single[n].append((time.perf_counter() - t0) * 1000)
     finally:
-        app = sides[0][0]
-        with app.connection_for_write() as conn:
-            conn.default_channel.client.delete(
-                q, f"_kombu.binding.{q}", f"_kombu.binding_permanent.{q}")
+        drop_queue(sides[0][0], q)
+    waited, plain = summary(burst[wait]), summary(burst[0])
     return {"replicas": wait, "batch": BATCH,
-            "burst": {"wait": summary(burst[wait]), "no_wait": summary(burst[0]),
-                      "ratio": ratio(summary(burst[wait]), summary(burst[0]))},
+            "burst": {"wait": waited, "no_wait": plain, "ratio": ratio(waited, plain)},
             "single_ms": {side: {"p50": round(percentile(ms, 50), 3),
                                  "p99": round(percentile(ms, 99), 3)}
                           for side, ms in (("wait", single[wait]), ("no_wait", single[0]))}}

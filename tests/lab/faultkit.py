@@ -169,10 +169,37 @@ class Fleet:
         while True:
             idle = self.broker_idle(unconsumed)
             tally = self.wait_batch(batch, expected, timeout=0, submitted=submitted)
-            if (idle and not tally.lost and time.time() >= quiet_at) \
-                    or time.monotonic() > deadline:
+            if idle and not tally.lost and time.time() >= quiet_at:
+                return tally
+            if time.monotonic() > deadline:
+                if tally.lost:  # shown with a failed test's captured output
+                    print(f"whereabouts of the lost numbers of {batch}: "
+                          f"{self.whereabouts(batch, tally.lost)}")
                 return tally
             time.sleep(0.5)
+
+    def whereabouts(self, batch: str, numbers: list[int]) -> dict[int, list[str]]:
+        """Where Redis holds the messages of `numbers` of `batch`: a list (queue, staging
+        list), or the unacked hash with the record's owner and the age of its stamp."""
+        r = self.redis()
+        seconds, micros = r.time()
+        now = seconds + micros / 1e6
+        found: dict[int, list[str]] = {n: [] for n in numbers}
+
+        def look(payload: str, where: str) -> None:
+            for n in numbers:
+                if f"'{batch}', {n}," in payload:  # the message's argsrepr header
+                    found[n].append(where)
+
+        for key in r.scan_iter(count=1000):
+            if r.type(key) == "list":
+                for payload in r.lrange(key, 0, -1):
+                    look(payload, f"list {key}")
+        for tag, record in r.hgetall("unacked").items():
+            stamp = r.zscore("unacked_index", tag)
+            age = "no stamp" if stamp is None else f"stamped {now - stamp:.1f} s ago"
+            look(record, f"unacked by {r.hget('unacked_owner', tag) or '(no owner)'}, {age}")
+        return found
 
     # -- the workers
 
