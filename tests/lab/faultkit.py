@@ -174,16 +174,25 @@ class Fleet:
             if time.monotonic() > deadline:
                 if tally.lost:  # shown with a failed test's captured output
                     print(f"whereabouts of the lost numbers of {batch}: "
-                          f"{self.whereabouts(batch, tally.lost)}")
+                          f"{self.whereabouts(batch, tally.lost)}; the workers' own view: "
+                          f"{self.requests_of(batch)}")
                 return tally
             time.sleep(0.5)
+
+    def requests_of(self, batch: str) -> dict[str, dict[str, list[Any]]]:
+        """The batch's tasks each worker reports as active, reserved or scheduled."""
+        inspect = self.celery.control.inspect(timeout=5)
+        out: dict[str, dict[str, list[Any]]] = {}
+        for state in ("active", "reserved", "scheduled"):
+            for node, tasks in (getattr(inspect, state)() or {}).items():
+                mine = [t.get("args") or t.get("request", {}).get("args") for t in tasks]
+                out.setdefault(node, {})[state] = [a for a in mine if a and a[0] == batch]
+        return out
 
     def whereabouts(self, batch: str, numbers: list[int]) -> dict[int, list[str]]:
         """Where Redis holds the messages of `numbers` of `batch`: a list (queue, staging
         list), or the unacked hash with the record's owner and the age of its stamp."""
         r = self.redis()
-        seconds, micros = r.time()
-        now = seconds + micros / 1e6
         found: dict[int, list[str]] = {n: [] for n in numbers}
 
         def look(payload: str, where: str) -> None:
@@ -191,14 +200,24 @@ class Fleet:
                 if f"'{batch}', {n}," in payload:  # the message's argsrepr header
                     found[n].append(where)
 
-        for key in r.scan_iter(count=1000):
-            if r.type(key) == "list":
-                for payload in r.lrange(key, 0, -1):
-                    look(payload, f"list {key}")
-        for tag, record in r.hgetall("unacked").items():
+        for key in r.scan_iter(count=1000, _type="list"):
+            for payload in r.lrange(key, 0, -1):
+                look(payload, f"list {key}")
+
+        def age(tag: str) -> str:
+            seconds, micros = r.time()
             stamp = r.zscore("unacked_index", tag)
-            age = "no stamp" if stamp is None else f"stamped {now - stamp:.1f} s ago"
-            look(record, f"unacked by {r.hget('unacked_owner', tag) or '(no owner)'}, {age}")
+            return "no stamp" if stamp is None else f"{seconds + micros / 1e6 - stamp:.1f} s"
+
+        for tag, record in r.hgetall("unacked").items():
+            if not any(f"'{batch}', {n}," in record for n in numbers):
+                continue
+            # The stamp's age by Redis's clock, twice 2 s apart: a record its holder keeps
+            # re-stamping stays young.
+            first = age(tag)
+            time.sleep(2)
+            look(record, f"unacked by {r.hget('unacked_owner', tag) or '(no owner)'}, stamp "
+                         f"age {first}, 2 s later {age(tag)}")
         return found
 
     # -- the workers
