@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ SENTINEL_SCHEME = "sentinel"
 SENTINEL_TIMEOUT = 1.0  # seconds to connect to, and hear from, one Sentinel
 SENTINEL_HELP = ("sentinel://[user:password@]host[:port][/db];sentinel://... "
                  "(one per Sentinel, the Redis user's password)")
+# TLS behind Sentinel: sentinel:// has no TLS variant (rediss:// carries its CA in the URL), so
+# this variable names the CA file and turns TLS on for the Sentinels and for Redis alike.
+TLS_CA_VAR = "TASKFLEET_REDIS_TLS_CA"
 
 
 class ConfigError(Exception):
@@ -79,6 +83,9 @@ class Settings:
     # With Sentinel: a publish counts once this many replicas hold it (Redis WAIT), 0 = at once.
     publish_replicas: int = 0
     publish_replicas_timeout: float = 1.0
+    # With Sentinel: the CA file that Redis's and the Sentinels' certificates are verified
+    # with (TASKFLEET_REDIS_TLS_CA); set = every connection, to a Sentinel or to Redis, is TLS.
+    tls_ca: str | None = None
 
     @property
     def sentinel(self) -> bool:
@@ -89,7 +96,8 @@ class Settings:
         """Keyword arguments of app.connection's clients: empty for plain Redis URLs."""
         if not self.sentinel:
             return {}
-        return {"master": self.sentinel_master, "sentinel_password": self.sentinel_password}
+        return {"master": self.sentinel_master, "sentinel_password": self.sentinel_password,
+                "tls_ca": self.tls_ca}
 
 
 def mask_url(url: str) -> str:
@@ -273,6 +281,7 @@ def read_settings(env: Mapping[str, str]) -> Settings:
                           "set it to an empty directory the worker may write (the unit's "
                           "RuntimeDirectory)")
     replicas = _publish_replicas(env, sentinel_master)
+    tls_ca = _tls_ca(env, sentinel_master)
     return Settings(
         broker_url=broker, result_backend=backend, worker_pool=pool,
         worker_concurrency=concurrency, worker_prefetch_multiplier=prefetch,
@@ -285,7 +294,32 @@ def read_settings(env: Mapping[str, str]) -> Settings:
         sentinel_password=_get(env, "TASKFLEET_SENTINEL_PASSWORD") if sentinel_master else None,
         publish_replicas=replicas,
         publish_replicas_timeout=_float(env, "TASKFLEET_PUBLISH_REPLICAS_TIMEOUT", 1.0),
+        tls_ca=tls_ca,
     )
+
+
+def _tls_ca(env: Mapping[str, str], sentinel_master: str | None) -> str | None:
+    """TASKFLEET_REDIS_TLS_CA: TLS to the Sentinels and to Redis behind them, verified with this
+    CA file. Only with sentinel:// URLs: a rediss:// URL says TLS and names its CA itself."""
+    ca = _get(env, TLS_CA_VAR)
+    if ca is None:
+        return None
+    if sentinel_master is None:
+        raise ConfigError(f"{TLS_CA_VAR} is for the HA tier's sentinel:// URLs: with one Redis "
+                          "host, use rediss://...?ssl_cert_reqs=required&ssl_ca_certs=<CA file> "
+                          f"and unset {TLS_CA_VAR}")
+    if not Path(ca).is_file():
+        raise _bad(TLS_CA_VAR, ca, "no such file: point it at the CA certificate (PEM) that "
+                   "signed the certificates of Redis and the Sentinels")
+    return ca
+
+
+def tls_options(ca: str | None) -> dict[str, Any]:
+    """redis-py's TLS options for a server certificate of this CA (verified, host name too);
+    empty without a CA (plain TCP)."""
+    if ca is None:
+        return {}
+    return {"ssl": True, "ssl_cert_reqs": "required", "ssl_ca_certs": ca}
 
 
 def _publish_replicas(env: Mapping[str, str], sentinel_master: str | None) -> int:
@@ -435,6 +469,13 @@ def celery_settings(s: Settings) -> dict[str, Any]:
         # like a lost connection, so the consumer reconnects through Sentinel to the new
         # primary instead of stopping (celery#7946).
         settings["broker_channel_error_retry"] = True
+        if s.tls_ca:
+            # TLS to the primary, certificate verified: kombu's Sentinel channel and Celery's
+            # Sentinel backend then connect with their SentinelManagedSSLConnection (the
+            # Sentinels themselves: sentinel_kwargs). Celery wants the constant here.
+            verified = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": s.tls_ca}
+            settings["broker_use_ssl"] = verified
+            settings["redis_backend_use_ssl"] = dict(verified)
     return settings
 
 
@@ -464,14 +505,15 @@ class SentinelLogin(Mapping[str, Any]):
         return f"SentinelLogin({self.__json__()!r})"
 
 
-def sentinel_kwargs(timeout: float, password: str | None) -> SentinelLogin:
+def sentinel_kwargs(timeout: float, password: str | None,
+                    tls_ca: str | None = None) -> SentinelLogin:
     """How a redis-py Sentinel manager reaches and logs into each Sentinel (their own password;
     the URLs carry Redis's): `timeout` to connect and to hear back, and one try. redis-py's
     client retries 10 times with backoff by default, so one cut-off Sentinel (the first in the
     list: every new connection asks them in order) cost 11 to 20 s per connection;
-    discover_master goes on to the next Sentinel by itself."""
+    discover_master goes on to the next Sentinel by itself. With `tls_ca`, over TLS."""
     kwargs: dict[str, Any] = {"socket_connect_timeout": timeout, "socket_timeout": timeout,
-                              "retry": Retry(NoBackoff(), 0)}
+                              "retry": Retry(NoBackoff(), 0), **tls_options(tls_ca)}
     if password:
         kwargs["password"] = password
     return SentinelLogin(**kwargs)
@@ -486,7 +528,7 @@ def sentinel_options(s: Settings) -> dict[str, Any]:
     # (and its Sentinel) froze the worker until systemd's watchdog restarted it.
     ask = min(s.connect_timeout, SENTINEL_TIMEOUT)
     return {"master_name": s.sentinel_master,
-            "sentinel_kwargs": sentinel_kwargs(ask, s.sentinel_password)}
+            "sentinel_kwargs": sentinel_kwargs(ask, s.sentinel_password, s.tls_ca)}
 
 
 def beat_schedule(s: Settings) -> dict[str, Any]:

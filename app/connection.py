@@ -18,7 +18,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel
 
-from .config import mask_url, sentinel_kwargs
+from .config import mask_url, sentinel_kwargs, tls_options
 
 # kombu's Redis transport keeps messages of priority > 0 in extra lists named
 # queue + SEP + step (kombu.transport.redis: Channel.sep, PRIORITY_STEPS).
@@ -56,9 +56,11 @@ def sentinel_addresses(url: str) -> list[tuple[str, int]]:
 
 
 def client(url: str, timeout: float, master: str | None = None,
-           sentinel_password: str | None = None, **options: Any) -> redis.Redis:
+           sentinel_password: str | None = None, tls_ca: str | None = None,
+           **options: Any) -> redis.Redis:
     """A redis-py client that fails after one attempt within `timeout` seconds; with `master`
-    (sentinel:// URLs), a client of the primary the Sentinels name now (redis-py's Sentinel).
+    (sentinel:// URLs), a client of the primary the Sentinels name now (redis-py's Sentinel),
+    over TLS to the Sentinels and the primary when `tls_ca` names their CA.
     `options`: more redis-py client options (decode_responses, ...)."""
     once = {"socket_connect_timeout": timeout, "socket_timeout": timeout,
             "retry": Retry(NoBackoff(), 0), "retry_on_timeout": False, **options}
@@ -69,8 +71,9 @@ def client(url: str, timeout: float, master: str | None = None,
              "password": unquote(first.password) if first.password else None,
              "db": int(first.path.lstrip("/") or 0)}
     sentinels = Sentinel(sentinel_addresses(url),
-                         sentinel_kwargs=sentinel_kwargs(timeout, sentinel_password), **once)
-    return sentinels.master_for(master, **login)
+                         sentinel_kwargs=sentinel_kwargs(timeout, sentinel_password, tls_ca),
+                         **once)
+    return sentinels.master_for(master, **login, **tls_options(tls_ca))
 
 
 def retry_until_back(call: Callable[[], T], patience: float,
@@ -128,19 +131,36 @@ def one_line(exc: BaseException, *urls: str) -> str:
     return text
 
 
+def sentinel_errors(url: str, timeout: float, password: str | None, tls_ca: str | None) -> str:
+    """Why the Sentinels named no primary, each different reason once: asked again, one PING
+    each (redis-py's MasterNotFoundError keeps only the errors' class names, hiding a refused
+    certificate or password behind "ConnectionError")."""
+    reasons = []
+    for host, port in sentinel_addresses(url):
+        try:
+            redis.Redis(host, port, **sentinel_kwargs(timeout, password, tls_ca)).ping()
+        except redis.RedisError as exc:
+            reasons.append(f"{host}:{port}: {one_line(exc, url)}")
+        else:
+            reasons.append(f"{host}:{port}: answers, but names no such primary")
+    return "; ".join(reasons)[:400]
+
+
 def check(url: str, variable: str, timeout: float, master: str | None = None,
-          sentinel_password: str | None = None) -> None:
+          sentinel_password: str | None = None, tls_ca: str | None = None) -> None:
     """PING the Redis of `url` once; raise BrokerError with a clear cause and fix."""
     where, user = describe(url, master)
     try:
-        client(url, timeout, master, sentinel_password).ping()
-    except MasterNotFoundError as exc:
-        # Every Sentinel was asked: none answered (down, firewall, wrong password) or none
-        # knows the name. redis-py's text lists each Sentinel's error.
+        client(url, timeout, master, sentinel_password, tls_ca).ping()
+    except MasterNotFoundError:
+        # Every Sentinel was asked: none answered (down, firewall, wrong password, TLS) or none
+        # knows the name.
+        why = sentinel_errors(url, timeout, sentinel_password, tls_ca)
         raise BrokerError(
-            f"no Sentinel named the primary {master!r} ({scrub(str(exc), url)[:300]}): check "
-            f"{variable}, TASKFLEET_SENTINEL_MASTER, TASKFLEET_SENTINEL_PASSWORD and the "
-            "firewall") from None
+            f"no Sentinel named the primary {master!r} ({why}): check "
+            f"{variable}, TASKFLEET_SENTINEL_MASTER, TASKFLEET_SENTINEL_PASSWORD, "
+            f"TASKFLEET_REDIS_TLS_CA ({'set' if tls_ca else 'unset'}: TLS "
+            f"{'on' if tls_ca else 'off'}) and the firewall") from None
     except redis.AuthenticationError:
         if urlsplit(url).password is None:
             raise BrokerError(

@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from . import cli
 from .connection import OWNER_KEY, UNACKED_INDEX_KEY, client, queue_keys, scrub
@@ -61,7 +61,9 @@ def exporter_url(url: str, environ: dict[str, str] | os._Environ[str] = os.envir
 
 def local_redis(s: Any, address: str) -> tuple[str, Callable[[], bool]]:
     """The URL of the Redis at `address` (HOST:PORT), with the broker URLs' user (or the
-    exporter's own) and database, and a check: do the Sentinels name it the primary now?"""
+    exporter's own) and database, and a check: do the Sentinels name it the primary now?
+    With TASKFLEET_REDIS_TLS_CA, a rediss:// URL verified with that CA, and the Sentinels
+    asked over TLS (then ADDRESS must be one the Redis certificate names)."""
     from redis.sentinel import Sentinel
 
     from .config import sentinel_kwargs
@@ -73,10 +75,13 @@ def local_redis(s: Any, address: str) -> tuple[str, Callable[[], bool]]:
     first = urlsplit(s.broker_url.split(";")[0])
     netloc = first.netloc.rpartition("@")[0]
     shown = f"[{host}]" if ":" in host.strip("[]") else host
-    url = exporter_url(urlunsplit(("redis", f"{netloc}@{shown}:{port}" if netloc else
-                                   f"{shown}:{port}", first.path or "/0", "", "")))
+    query = urlencode({"ssl_cert_reqs": "required", "ssl_ca_certs": s.tls_ca}) if s.tls_ca else ""
+    url = exporter_url(urlunsplit(("rediss" if s.tls_ca else "redis",
+                                   f"{netloc}@{shown}:{port}" if netloc else f"{shown}:{port}",
+                                   first.path or "/0", query, "")))
     sentinels = Sentinel(sentinel_addresses(s.broker_url),
-                         sentinel_kwargs=sentinel_kwargs(s.connect_timeout, s.sentinel_password))
+                         sentinel_kwargs=sentinel_kwargs(s.connect_timeout, s.sentinel_password,
+                                                         s.tls_ca))
     me = (host.strip("[]"), int(port))
 
     def is_primary() -> bool:
@@ -240,7 +245,7 @@ class Exporter:
                 cli.die("with sentinel:// URLs, --redis ADDRESS:PORT names the Redis to read "
                         "(the one on this host)")
             url, is_primary = local_redis(s, args.redis)
-            s = dataclasses.replace(s, sentinel_master=None, sentinel_password=None)
+            s = dataclasses.replace(s, sentinel_master=None, sentinel_password=None, tls_ca=None)
         elif args.redis:
             cli.die("--redis is for the HA tier (sentinel:// URLs); without it the exporter "
                     "reads the broker URL's Redis")

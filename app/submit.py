@@ -85,6 +85,7 @@ class RideOut:
         s = cli.settings()
         self.app, self.patience, self.timeout = app, patience, s.connect_timeout
         self.urls = list(dict.fromkeys((s.broker_url, s.result_backend)))
+        self.sentinel = s.sentinel_args  # the HA tier: each URL is a list of Sentinels
         self.gave_up = ""  # why the last wait() gave up, one line
 
     def reason(self, exc: BaseException) -> str:
@@ -118,7 +119,7 @@ class RideOut:
 
     def _back(self) -> None:
         for url in self.urls:
-            conn = client(url, self.timeout)
+            conn = client(url, self.timeout, **self.sentinel)
             try:
                 conn.ping()
             finally:

@@ -1,6 +1,10 @@
 """Redis behind Sentinel on loopback: a primary, a replica and three Sentinels (real
 redis-server processes, the Sentinels as `redis-server --sentinel`), with the ACL users the
-redis role deploys: the app's, replication's (masteruser) and Sentinel's (auth-user).
+redis role deploys: the app's, replication's (masteruser) and Sentinel's (auth-user). The
+`ha_tls` tier is the same with TLS only, as the redis role deploys it with taskfleet_redis_tls:
+Redis and the Sentinels listen TLS-only (port 0), replicate and talk to each other over TLS
+(tls-replication), with certificates made by the tls_ca role's own openssl commands; the nodes
+verify them with TASKFLEET_REDIS_TLS_CA.
 
 A worker and the command line reach Redis only through the Sentinels; the worker's heartbeats
 run through kombu's Sentinel channel; when the primary is SIGKILLed the Sentinels promote the
@@ -11,6 +15,7 @@ down-after is 1 s, only to keep the test short.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import signal
@@ -21,8 +26,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import pytest
 import redis
+import yaml
+
+from app.config import tls_options
 
 from .itkit import (
     BIN,
@@ -44,9 +53,34 @@ SENTINEL_ACL = ("allchannels +multi +slaveof +replicaof +ping +exec +subscribe +
                 "+role +publish +info +client|setname +client|kill +script|kill")
 
 
+TLS_CA_TASKS = ROOT / "deploy" / "roles" / "tls_ca" / "tasks" / "main.yml"
+CERT_NAME = "redis-loopback"  # every server of the tier runs on 127.0.0.1: one certificate
+
+
+def make_certificates(directory: Path, san: str = "IP:127.0.0.1,DNS:loopback") -> Path:
+    """The private CA and a server certificate, made by the very openssl commands of the tls_ca
+    role (its task's loop, rendered with the role's variables; files already there are kept,
+    as the role's creates: does). Returns the directory: ca.crt, redis-loopback.crt/.key."""
+    directory.mkdir(exist_ok=True)
+    tasks = yaml.safe_load(TLS_CA_TASKS.read_text())
+    task = next(t for t in tasks if t["name"] == "Create the certificates with openssl")
+    names = {"tls_ca_days": 3650, "tls_ca_server_days": 825, "__tls_ca_name": CERT_NAME,
+             "inventory_hostname": "loopback", "__tls_ca_san": san}
+    # Command arguments, not HTML: nothing to escape (as in Ansible's own templating).
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined,
+                             autoescape=jinja2.select_autoescape(default_for_string=False))
+    for item in task["loop"]:
+        if (directory / env.from_string(item["creates"]).render(names)).exists():
+            continue
+        argv = [env.from_string(str(arg)).render(names) for arg in item["argv"]]
+        subprocess.run(argv, cwd=directory, check=True, capture_output=True)
+    return directory
+
+
 @dataclass
 class HA:
     tmp: Path
+    tls: Path | None = None  # the certificates' directory: TLS only, everywhere
     password: str = field(default_factory=lambda: secrets.token_hex(12))
     admin_pw: str = field(default_factory=lambda: secrets.token_hex(12))
     repl_pw: str = field(default_factory=lambda: secrets.token_hex(12))
@@ -56,10 +90,29 @@ class HA:
     sentinel_ports: list[int] = field(default_factory=list)
     procs: dict[int, subprocess.Popen] = field(default_factory=dict)
 
+    def tls_config(self) -> list[str]:
+        """redis.conf lines of the TLS listener (the redis role's, port 0 beside it)."""
+        if self.tls is None:
+            return []
+        return ["port 0", f"tls-cert-file {self.tls / CERT_NAME}.crt",
+                f"tls-key-file {self.tls / CERT_NAME}.key", f"tls-ca-cert-file {self.tls}/ca.crt",
+                "tls-auth-clients no", "tls-replication yes"]
+
+    def listen(self, port: int) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(port)]
+        return ["--tls-port", str(port)] + [
+            arg for line in self.tls_config() for arg in (f"--{line.split()[0]}",
+                                                           line.split(maxsplit=1)[1])]
+
+    @property
+    def ca(self) -> str | None:
+        return str(self.tls / "ca.crt") if self.tls else None
+
     def start_redis(self, port: int, replica_of: int | None) -> None:
         d = self.tmp / f"redis-{port}"
         d.mkdir(exist_ok=True)
-        argv = [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(d),
+        argv = [REDIS_SERVER, "--bind", "127.0.0.1", *self.listen(port), "--dir", str(d),
                 "--save", "", "--appendonly", "yes", "--logfile", str(d / "redis.log"),
                 "--masteruser", "replication", "--masterauth", self.repl_pw,
                 "--min-replicas-to-write", "0",
@@ -78,8 +131,10 @@ class HA:
 
     def start_sentinel(self, port: int, primary: int) -> None:
         conf = self.tmp / f"sentinel-{port}.conf"
+        listener = "\n".join([f"tls-port {port}", *self.tls_config()]) if self.tls \
+            else f"port {port}"
         conf.write_text(
-            f"port {port}\nbind 127.0.0.1\ndir {self.tmp}\n"
+            f"{listener}\nbind 127.0.0.1\ndir {self.tmp}\n"
             f"logfile {self.tmp}/sentinel-{port}.log\n"
             f"requirepass {self.sentinel_pw}\nsentinel sentinel-pass {self.sentinel_pw}\n"
             f"sentinel monitor {MASTER} 127.0.0.1 {primary} 2\n"
@@ -98,11 +153,12 @@ class HA:
             return False
 
     def admin(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, username="admin", password=self.admin_pw, socket_timeout=2)
+        return redis.Redis("127.0.0.1", port, username="admin", password=self.admin_pw,
+                           socket_timeout=2, **tls_options(self.ca))
 
     def sentinel(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, password=self.sentinel_pw, socket_timeout=2,
-                           decode_responses=True)
+        return redis.Redis("127.0.0.1", port, password=self.sentinel_pw, socket_timeout=2,
+                           decode_responses=True, **tls_options(self.ca))
 
     def primary(self) -> int | None:
         for port in self.sentinel_ports:
@@ -117,8 +173,11 @@ class HA:
     def env(self) -> dict[str, str]:
         urls = ";".join(f"sentinel://{USER}:{self.password}@127.0.0.1:{p}/0"
                         for p in self.sentinel_ports)
-        return node_env(self.tmp, urls, TASKFLEET_SENTINEL_MASTER=MASTER,
-                        TASKFLEET_SENTINEL_PASSWORD=self.sentinel_pw)
+        env = node_env(self.tmp, urls, TASKFLEET_SENTINEL_MASTER=MASTER,
+                       TASKFLEET_SENTINEL_PASSWORD=self.sentinel_pw)
+        if self.ca:
+            env["TASKFLEET_REDIS_TLS_CA"] = self.ca
+        return env
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -131,11 +190,11 @@ class HA:
                 proc.kill()
 
 
-@pytest.fixture
-def ha(no_celery_env, tmp_path) -> Iterator[HA]:
+@contextlib.contextmanager
+def tier(tmp_path: Path, tls: bool) -> Iterator[HA]:
     if not Path(REDIS_SERVER).exists():
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    cluster = HA(tmp_path)
+    cluster = HA(tmp_path, tls=make_certificates(tmp_path / "tls") if tls else None)
     try:
         primary, replica = free_port(), free_port()
         cluster.redis_ports = [primary, replica]
@@ -158,7 +217,24 @@ def ha(no_celery_env, tmp_path) -> Iterator[HA]:
         cluster.stop()
 
 
-def test_worker_and_cli_follow_a_failover(ha: HA, tmp_path: Path):
+@pytest.fixture
+def ha(no_celery_env, tmp_path) -> Iterator[HA]:
+    with tier(tmp_path, tls=False) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def ha_tls(no_celery_env, tmp_path) -> Iterator[HA]:
+    with tier(tmp_path, tls=True) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("kind", ["ha", "ha_tls"])
+def test_worker_and_cli_follow_a_failover(kind: str, request: pytest.FixtureRequest,
+                                          tmp_path: Path):
+    """Through the Sentinels (with TLS: every connection TLS, to Sentinels and Redis alike):
+    status, submit --wait, inspect stats and ping; the worker follows a failover."""
+    ha: HA = request.getfixturevalue(kind)
     env = ha.env()
     status = run_cli(env, "status", "--timeout", "1")
     assert "QUEUE" in status.stdout, status.stdout + status.stderr  # Redis reached; no worker
@@ -294,10 +370,13 @@ def test_bench_measures_what_waiting_for_a_replica_costs(ha: HA, tmp_path: Path)
         stop_workers(workers)
 
 
-def test_exporter_reports_queues_from_the_primary_only(ha: HA):
+@pytest.mark.parametrize("kind", ["ha", "ha_tls"])
+def test_exporter_reports_queues_from_the_primary_only(kind: str, request: pytest.FixtureRequest):
     """With sentinel:// URLs the exporter reads the Redis it is given (its host's): the
     primary's reports queues and taskfleet_redis_primary 1, a replica's only that it is up and
-    not the primary -- one series per queue across the tier, whichever host is primary."""
+    not the primary -- one series per queue across the tier, whichever host is primary. With
+    TLS it reads its Redis and asks the Sentinels over TLS."""
+    ha: HA = request.getfixturevalue(kind)
     env = ha.env()
     primary, replica = ha.redis_ports
     sent = run_cli(env, "submit", "add", "1", "2", "--count", "3")
@@ -315,3 +394,37 @@ def test_exporter_reports_queues_from_the_primary_only(ha: HA):
     missing = run_cli(env, "exporter", "--once")
     assert missing.returncode != 0 and "--redis ADDRESS:PORT" in missing.stderr, missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+
+
+def test_tls_tier_refuses_plain_and_unverified_connections(ha_tls: HA, tmp_path: Path):
+    """TLS only, verified: the replica replicates over TLS; Redis and Sentinel ports answer no
+    plain client; a node without TASKFLEET_REDIS_TLS_CA, or with another CA, gets one line
+    that names the variable, not a traceback."""
+    primary, replica = ha_tls.redis_ports
+    # Linked is not yet in sync: the first sync starts after repl-diskless-sync-delay (5 s).
+    info = wait_for(lambda: (i := ha_tls.admin(replica).info("replication"))
+                    ["master_link_status"] == "up" and i, 30, "the replica's first sync (TLS)")
+    assert info["master_port"] == primary, info
+    for port in (primary, ha_tls.sentinel_ports[0]):
+        plain = redis.Redis("127.0.0.1", port, password=ha_tls.sentinel_pw, socket_timeout=2,
+                            socket_connect_timeout=2)
+        with pytest.raises((redis.ConnectionError, redis.TimeoutError)):
+            plain.ping()
+
+    env = ha_tls.env()
+    del env["TASKFLEET_REDIS_TLS_CA"]
+    bad = run_cli(env, "status", "--timeout", "1")
+    assert bad.returncode != 0
+    line = bad.stderr.strip()
+    assert len(line.splitlines()) == 1, line
+    assert "no Sentinel named the primary 'taskfleet'" in line, line
+    assert "TASKFLEET_REDIS_TLS_CA (unset: TLS off)" in line, line
+
+    other = make_certificates(tmp_path / "other")  # a CA that signed none of the tier's
+    env = ha_tls.env() | {"TASKFLEET_REDIS_TLS_CA": str(other / "ca.crt")}
+    bad = run_cli(env, "status", "--timeout", "1")
+    assert bad.returncode != 0
+    line = bad.stderr.strip()
+    assert len(line.splitlines()) == 1, line
+    assert "certificate verify failed" in line, line
+    assert ha_tls.password not in line and ha_tls.sentinel_pw not in line, line

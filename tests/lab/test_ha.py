@@ -5,7 +5,11 @@ crashes -- and the cluster carries on.
 redis1 ([redis], the first primary) and worker1 are deployed first with one Redis host, and
 the monitoring tier with Prometheus on worker1 (production settings); then replica1 and replica2
 join [redis_replicas] and deploy.yml adds a Sentinel on each (quorum 2 of 3), with the
-production settings, and the exporters on each. In each
+production settings, and the exporters on each. TLS is on from the first deploy
+(taskfleet_redis_tls): every HA row also proves TLS -- Redis and the Sentinels listen TLS-only,
+replicate and fail over over TLS, and every node, exporter and this test's clients verify the
+private CA's certificates. (The HA tier without TLS is proven on loopback,
+tests/integration/test_sentinel.py.) In each
 scenario the test's own client (a Celery client configured from the deploy's env file, as a node
 is: through the Sentinels) keeps submitting numbered `mark` tasks while the fault happens; it
 counts what the broker accepted (send_task returned), what it refused, and the ledger says what
@@ -59,17 +63,21 @@ MIGRATE_TASKS, MIGRATE_TASK_S = 240, 0.5
 
 @dataclass
 class Tier:
-    """The Sentinels' view of the Redis hosts, asked directly (never through the app)."""
+    """The Sentinels' view of the Redis hosts, asked directly (never through the app), over
+    TLS verified with the deploy's CA (`tls_ca`; None: plain TCP)."""
 
     cluster: DeployedLab
     password: str
+    tls_ca: str | None = None
 
     def _sentinel(self, host: str) -> Any:
         import redis
 
+        from app.config import tls_options
+
         return redis.Redis(host=self.cluster.lab.ip(host), port=SENTINEL_PORT,
                            password=self.password, socket_timeout=2, socket_connect_timeout=2,
-                           decode_responses=True)
+                           decode_responses=True, **tls_options(self.tls_ca))
 
     def host_of(self, ip: str) -> str:
         return next(h for h in (*REDIS_HOSTS, EXTRA) if self.cluster.lab.ip(h) == ip)
@@ -181,6 +189,11 @@ def ha(report: Report) -> Iterator[tuple[Fleet, Tier]]:
         # lab's 2 cores with the fault scenarios and the other test sessions.
         (lab.inventory_path.parent / "monitoring.ini").write_text(
             "# Written by tests/lab/test_ha.py\n[monitoring]\nworker1\n")
+        # TLS from the first deploy: the one Redis host, then the HA tier, serve TLS only.
+        group_vars = lab.inventory_path.parent / "group_vars"
+        group_vars.mkdir(exist_ok=True)
+        (group_vars / "all.yml").write_text(
+            "# Written by tests/lab/test_ha.py: the HA tier with TLS\ntaskfleet_redis_tls: true\n")
         cluster = DeployedLab(lab)
         run = cluster.deploy()
         record_timing("ha lab: up + cold deploy, one Redis host (2 hosts)",
@@ -189,7 +202,7 @@ def ha(report: Report) -> Iterator[tuple[Fleet, Tier]]:
         migrate(cluster, report)
         fleet = Fleet(cluster)
         assert fleet.settings.sentinel, "the deployed env file has no Sentinel URLs"
-        tier = Tier(cluster, fleet.settings.sentinel_password or "")
+        tier = Tier(cluster, fleet.settings.sentinel_password or "", fleet.settings.tls_ca)
         assert wait_until(lambda: "worker@worker1" in fleet.answering(), 30)
         with report.timed():
             yield fleet, tier
@@ -238,7 +251,30 @@ def migrate(cluster: DeployedLab, report: Report) -> None:
     files = {h: cluster.on(h, "grep", "^min-replicas-to-write", "/etc/redis/redis.conf").stdout
              for h in REDIS_HOSTS}
     assert set(files.values()) == {"min-replicas-to-write 1\n"}, files
+    tls_only(cluster, fleet)
     row["passed"] = True
+
+
+def tls_only(cluster: DeployedLab, fleet: Fleet) -> None:
+    """The HA tier serves TLS only: every Redis and Sentinel has no plain port and replicates
+    over TLS, the nodes verify the CA, and a plain client gets no answer from either port."""
+    import redis
+
+    assert fleet.settings.tls_ca, "the deployed env file has no TASKFLEET_REDIS_TLS_CA"
+    for host in REDIS_HOSTS:
+        conf = cluster.on(host, "grep", "-E", "^(port|tls-port|tls-replication) ",
+                          "/etc/redis/redis.conf", "/etc/redis/taskfleet-sentinel.conf").stdout
+        assert sorted(conf.split("\n")) == sorted([
+            "", "/etc/redis/redis.conf:port 0", "/etc/redis/redis.conf:tls-port 6380",
+            "/etc/redis/redis.conf:tls-replication yes",
+            "/etc/redis/taskfleet-sentinel.conf:port 0",
+            f"/etc/redis/taskfleet-sentinel.conf:tls-port {SENTINEL_PORT}",
+            "/etc/redis/taskfleet-sentinel.conf:tls-replication yes"]), (host, conf)
+    for port in (6380, SENTINEL_PORT):
+        plain = redis.Redis(host=cluster.lab.ip("redis1"), port=port, socket_timeout=3,
+                            socket_connect_timeout=3)
+        with pytest.raises((redis.ConnectionError, redis.TimeoutError)):
+            plain.ping()
 
 
 def fault_scenario(fleet: Fleet, tier: Tier, report: Report, key: str, title: str, victim: str,
@@ -307,6 +343,19 @@ def fault_scenario(fleet: Fleet, tier: Tier, report: Report, key: str, title: st
     assert pause is not None and pause <= WATCHDOG_S + 30, row
     assert rejoined is not None, f"{victim} did not rejoin as a replica: {tier.replicas()}"
     return row
+
+
+def test_tls_switch_refused_on_the_running_tier(ha: tuple[Fleet, Tier]):
+    """Switching TLS off on the running HA tier is refused by the first play, before any
+    change, with one line that says how to switch instead."""
+    fleet, _ = ha
+    run = fleet.cluster.deploy("-e", "taskfleet_redis_tls=false",
+                               playbook="playbooks/preflight.yml")
+    assert run.rc != 0, run.out[-3000:]
+    out = " ".join(run.out.split())  # however the output wraps the message
+    assert "TLS cannot be switched on a running HA tier ([redis_replicas])" in out, out[-3000:]
+    assert "switch TLS with one Redis host first, then add replicas" in out, out[-3000:]
+    assert "PLAY [Install and configure Redis]" not in run.out
 
 
 def test_replica_host_crash(ha: tuple[Fleet, Tier], report: Report):

@@ -346,7 +346,7 @@ def test_env_example_documents_every_variable_and_is_valid():
     source = Path(app.config.__file__).read_text()
     variables = set(re.findall(r'"((?:TASKFLEET|CELERY)_[A-Z_]+)"', source))
     variables.add("TASKFLEET_ENV_FILE")
-    assert len(variables) == 23
+    assert len(variables) == 24
     for name in sorted(variables):
         assert re.search(rf"^#? ?{name}=", text, re.M), f"{name} missing from .env.example"
     values = {k: v or "" for k, v in dotenv_values(ROOT / ".env.example").items()}
@@ -401,7 +401,11 @@ def test_sentinel_urls_and_options():
     assert conf["broker_channel_error_retry"] is True
     assert "broker_channel_error_retry" not in celery_settings(settings())
     assert settings().sentinel_args == {}
-    assert s.sentinel_args == {"master": "taskfleet", "sentinel_password": "sentinel-pw"}
+    assert s.sentinel_args == {"master": "taskfleet", "sentinel_password": "sentinel-pw",
+                               "tls_ca": None}
+    # Plain TCP unless TASKFLEET_REDIS_TLS_CA says otherwise.
+    assert "broker_use_ssl" not in conf and "redis_backend_use_ssl" not in conf
+    assert "ssl" not in dict(conf["broker_transport_options"]["sentinel_kwargs"])
 
 
 def test_sentinel_options_encode_without_the_password():
@@ -459,6 +463,42 @@ def test_sentinel_password_is_optional_and_masked():
 ])
 def test_sentinel_errors(env, expected):
     assert sentinel_error(**env) == expected
+
+
+def test_sentinel_tls_reaches_the_sentinels_the_broker_and_the_backend(tmp_path):
+    """TASKFLEET_REDIS_TLS_CA: kombu's Sentinel channel and Celery's Sentinel backend connect to
+    the primary with TLS (broker_use_ssl, redis_backend_use_ssl), the Sentinel managers to the
+    Sentinels (sentinel_kwargs); every certificate verified with that CA."""
+    import ssl
+
+    from kombu.utils.json import dumps
+
+    ca = tmp_path / "ca.crt"
+    ca.write_text("PEM")
+    s = read_settings({**SENTINEL_ENV, "TASKFLEET_REDIS_TLS_CA": str(ca)})
+    assert s.tls_ca == str(ca) and s.sentinel_args["tls_ca"] == str(ca)
+    conf = celery_settings(s)
+    verified = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": str(ca)}
+    assert conf["broker_use_ssl"] == conf["redis_backend_use_ssl"] == verified
+    for key in ("broker_transport_options", "result_backend_transport_options"):
+        login = conf[key]["sentinel_kwargs"]
+        assert {k: login[k] for k in ("ssl", "ssl_cert_reqs", "ssl_ca_certs")} == \
+            {"ssl": True, "ssl_cert_reqs": "required", "ssl_ca_certs": str(ca)}
+        assert login["password"] == "sentinel-pw" and "sentinel-pw" not in dumps(login)
+
+
+def test_sentinel_tls_errors(tmp_path):
+    assert sentinel_error(TASKFLEET_REDIS_TLS_CA=str(tmp_path / "nope.crt")) == (
+        f"invalid TASKFLEET_REDIS_TLS_CA='{tmp_path / 'nope.crt'}': no such file: point it at "
+        "the CA certificate (PEM) that signed the certificates of Redis and the Sentinels")
+    ca = tmp_path / "ca.crt"
+    ca.write_text("PEM")
+    with pytest.raises(ConfigError) as info:
+        read_settings({"CELERY_BROKER_URL": URL, "TASKFLEET_REDIS_TLS_CA": str(ca)})
+    assert str(info.value) == (
+        "TASKFLEET_REDIS_TLS_CA is for the HA tier's sentinel:// URLs: with one Redis host, use "
+        "rediss://...?ssl_cert_reqs=required&ssl_ca_certs=<CA file> and unset "
+        "TASKFLEET_REDIS_TLS_CA")
 
 
 def test_publish_replicas_reach_the_broker_transport_only():
