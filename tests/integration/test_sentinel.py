@@ -113,7 +113,8 @@ class HA:
         d = self.tmp / f"redis-{port}"
         d.mkdir(exist_ok=True)
         argv = [REDIS_SERVER, "--bind", "127.0.0.1", *self.listen(port), "--dir", str(d),
-                "--save", "", "--appendonly", "yes", "--logfile", str(d / "redis.log"),
+                "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                "--logfile", str(d / "redis.log"),
                 "--masteruser", "replication", "--masterauth", self.repl_pw,
                 "--min-replicas-to-write", "0",
                 "--user", "default", "off", "resetkeys", "resetchannels", "~*", "&*", "+@all",
