@@ -39,7 +39,10 @@ import pytest
 from .faultkit import MARK, Fleet, Report, batch_name, wait_until
 from .labkit import DeployedLab, new_lab, record_timing
 
-pytestmark = pytest.mark.lab
+# pytest-timeout counts a fixture's setup in the first test that uses it: here a cold deploy
+# and the move to HA (about 3 minutes, twice that under the load of the parallel sessions)
+# come before the first scenario. The scenarios bound their own waits.
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
 HA_LAB = os.environ.get("TASKFLEET_TEST_HA_LAB", "ciha")
 HA_SUBNET = os.environ.get("TASKFLEET_TEST_HA_SUBNET", "10.85.0.0/24")
 # The Redis hosts run one Debian release (preflight wants one Redis version across the tier):
