@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 import uuid
 from collections import Counter
@@ -187,6 +188,30 @@ class Fleet:
             for node, tasks in (getattr(inspect, state)() or {}).items():
                 mine = [t.get("args") or t.get("request", {}).get("args") for t in tasks]
                 out.setdefault(node, {})[state] = [a for a in mine if a and a[0] == batch]
+        return out
+
+    def unacked(self, limit: int = 20) -> list[str]:
+        """Every record in the unacked hash (up to `limit`): its task, owner and stamp age,
+        read twice 2 s apart (a record its holder keeps re-stamping stays young)."""
+        r = self.redis()
+
+        def ages() -> dict[str, float | None]:
+            seconds, micros = r.time()
+            now = seconds + micros / 1e6
+            return {tag: None if score is None else round(now - score, 1)
+                    for tag, score in ((tag, r.zscore("unacked_index", tag))
+                                       for tag in r.hkeys("unacked")[:limit])}
+
+        first = ages()
+        time.sleep(2)
+        second = ages()
+        out = []
+        for tag, age in first.items():
+            record = r.hget("unacked", tag) or ""
+            task = re.search(r'"task": "([^"]*)"', record)
+            out.append(f"{tag}: task {task.group(1) if task else '?'}, owner "
+                       f"{r.hget('unacked_owner', tag) or '(none)'}, stamp age {age} then "
+                       f"{second.get(tag, 'gone')} s")
         return out
 
     def whereabouts(self, batch: str, numbers: list[int]) -> dict[int, list[str]]:

@@ -203,7 +203,8 @@ def test_malformed_messages_at_scale_are_dropped(fleet: Fleet, report: Report):
                           logged=dict(logged), left_in_queue=left)
     assert not tally.lost, f"good tasks lost: {tally.lost}"
     assert after == pids, f"a worker restarted: {pids} -> {after}"
-    assert left == 0, f"{left} messages still queued or unacked"
+    assert left == 0, (f"{left} messages still queued or unacked; queue {r.llen(queue)}, "
+                       f"staged {r.llen(f'{TAKING_PREFIX}{queue}')}, unacked: {fleet.unacked()}")
     assert logged["unregistered"] > 0 and logged["decode"] > 0, dict(logged)
     row["passed"] = True
 
