@@ -263,6 +263,29 @@ class QoS(kombu_redis.QoS):
         log.warning("recorded task %s as unacked on a separate connection (its channel was "
                     "closing)", _task_id(message))
 
+    def ack(self, delivery_tag: Any) -> None:
+        try:
+            super().ack(delivery_tag)
+        except Exception:
+            self._let_go(delivery_tag)
+            raise
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        try:
+            super().reject(delivery_tag, requeue)
+        except Exception:
+            self._let_go(delivery_tag)
+            raise
+
+    def _let_go(self, delivery_tag: Any) -> None:
+        """An ack or reject Redis did not take (it was away): the worker is done with the
+        message all the same, so it stops holding it. kombu keeps the tag in `_delivered`
+        then, and the heartbeats would re-stamp a message nobody runs for as long as the
+        worker lives; let go, its record is no longer stamped and goes back to its queue
+        after DEAD_AFTER, like a dead worker's (an ack that failed: the task runs again)."""
+        self._delivered.pop(delivery_tag, None)
+        self._dirty.discard(delivery_tag)
+
     def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
         # Used by ack, reject and restore_by_tag (inside its transaction): the owner goes too.
         return super()._remove_from_indices(delivery_tag, pipe).hdel(OWNER_KEY, delivery_tag)

@@ -362,3 +362,44 @@ def test_redis_killed_mid_sweep_loses_and_doubles_nothing(tmp_path: Path):
               "message is in its queue exactly once")
     finally:
         redis.stop()
+
+
+def test_a_message_whose_ack_or_reject_failed_is_let_go(redis_aof: CrashableRedis):
+    """Redis away when the worker acks one message and rejects (requeues) another: the worker
+    is done with both, so its heartbeats must not keep them. Neither is re-stamped, and the
+    sweep hands both back after DEAD_AFTER. (kombu keeps a tag whose ack failed among the
+    delivered ones: a live worker would re-stamp it for as long as it runs.)"""
+    from kombu import Connection, Exchange, Producer, Queue
+
+    url = redis_aof.url()
+    options = celery_settings(read_settings({"CELERY_BROKER_URL": url}))
+    queue = Queue("letgo", Exchange("letgo"), "letgo")
+    with Connection(url) as conn:
+        producer = Producer(conn)
+        for n in range(2):
+            producer.publish({"n": n}, exchange=queue.exchange, routing_key="letgo",
+                             declare=[queue], serializer="json")
+    admin = redis_aof.admin()
+    with Connection(url, transport="app.transport:Transport",
+                    transport_options=options["broker_transport_options"]) as conn:
+        conn.transport.heartbeating = True  # as once a worker's event loop runs
+        channel = conn.default_channel
+        acked, rejected = channel.basic_get("letgo"), channel.basic_get("letgo")
+        assert acked is not None and rejected is not None
+        assert admin.hlen("unacked") == 2 and admin.hlen("unacked_owner") == 2
+        redis_aof.kill()
+        for call in (acked.ack, lambda: rejected.reject(requeue=True)):
+            with pytest.raises(Exception):  # noqa: B017 -- whatever redis-py raises for it
+                call()
+        assert not channel.qos._delivered, "the worker still holds what it acked or rejected"
+        redis_aof.start()
+        admin = redis_aof.admin()
+        assert admin.hlen("unacked") == 2, "the records were on disk before Redis answered"
+
+        def returned() -> bool:
+            conn.transport.beat()  # a live worker's heartbeat, as often as it can
+            channel.qos.restore_visible()
+            return admin.llen("letgo") == 2
+
+        wait_for(returned, DEAD_AFTER + 10, "both messages back in their queue", 0.5)
+    assert admin.hlen("unacked") == 0 and admin.hlen("unacked_owner") == 0
