@@ -371,7 +371,6 @@ class Bench:
                                "worker": nodes[0].name}
         return out
 
-
     def fsync_part(self, admin: Any) -> dict[str, Any]:
         """The kit under each AOF fsync policy in turn (see the module doc). `admin`: a redis-py
         client of the broker's Redis (the primary, with Sentinel) allowed CONFIG and INFO."""
@@ -382,21 +381,24 @@ class Bench:
         # Redis counts the fsyncs `everysec` postponed because the disk was slow: writes it
         # answered while they sat in its own buffer, which a crash then loses.
         postponed = dict.fromkeys(FSYNC_POLICIES, 0)
+
+        def delayed() -> int:
+            return int(admin.info("persistence").get("aof_delayed_fsync", 0))
+
         try:
             with self.on(self.kit, nodes, "fsync") as q:
                 self.warm(self.kit, q)
                 for _ in range(self.sizes.repeat):
                     for policy in FSYNC_POLICIES:
                         admin.config_set("appendfsync", policy)
-                        before = int(admin.info("persistence").get("aof_delayed_fsync", 0))
+                        before = delayed()
                         log(f"fsync {policy}: throughput {self.sizes.tasks} tasks, "
                             f"fire-and-forget {self.sizes.fire}")
                         runs[policy]["throughput"].append(self.throughput(
                             self.kit, q, nodes, self.sizes.tasks, phase=f"fsync.{policy}"))
                         runs[policy]["fire"].append(self.fire(
                             self.kit, q, nodes, self.sizes.fire, phase=f"fsync.{policy}"))
-                        postponed[policy] += (
-                            int(admin.info("persistence").get("aof_delayed_fsync", 0)) - before)
+                        postponed[policy] += delayed() - before
         finally:
             admin.config_set("appendfsync", was)
         out: dict[str, Any] = {"hosts": len(nodes), "policy_before": was,
@@ -406,7 +408,6 @@ class Bench:
             out[part] = {"always": always, "everysec": everysec,
                          "ratio": ratio(always, everysec)}
         return out
-
 
 
 def _noop() -> None:

@@ -190,59 +190,54 @@ class Fleet:
                 out.setdefault(node, {})[state] = [a for a in mine if a and a[0] == batch]
         return out
 
-    def unacked(self, limit: int = 20) -> list[str]:
-        """Every record in the unacked hash (up to `limit`): its task, owner and stamp age,
-        read twice 2 s apart (a record its holder keeps re-stamping stays young)."""
-        r = self.redis()
+    @staticmethod
+    def stamp_ages(r: Any, tags: list[str]) -> dict[str, str]:
+        """Each tag's stamp age by Redis's clock, read twice 2 s apart: a record its holder
+        keeps re-stamping stays young."""
+        if not tags:
+            return {}
 
         def ages() -> dict[str, float | None]:
             seconds, micros = r.time()
             now = seconds + micros / 1e6
-            return {tag: None if score is None else round(now - score, 1)
-                    for tag, score in ((tag, r.zscore("unacked_index", tag))
-                                       for tag in r.hkeys("unacked")[:limit])}
+            return {tag: None if (score := r.zscore("unacked_index", tag)) is None
+                    else round(now - score, 1) for tag in tags}
 
         first = ages()
         time.sleep(2)
         second = ages()
+        return {tag: f"stamp age {first[tag]} s, 2 s later {second[tag]} s" for tag in tags}
+
+    def unacked(self, limit: int = 20) -> list[str]:
+        """Every record in the unacked hash (up to `limit`): its task, owner and stamp ages."""
+        r = self.redis()
+        tags = r.hkeys("unacked")[:limit]
         out = []
-        for tag, age in first.items():
-            record = r.hget("unacked", tag) or ""
-            task = re.search(r'"task": "([^"]*)"', record)
+        for tag, ages in self.stamp_ages(r, tags).items():
+            task = re.search(r'"task": "([^"]*)"', r.hget("unacked", tag) or "")
             out.append(f"{tag}: task {task.group(1) if task else '?'}, owner "
-                       f"{r.hget('unacked_owner', tag) or '(none)'}, stamp age {age} then "
-                       f"{second.get(tag, 'gone')} s")
+                       f"{r.hget('unacked_owner', tag) or '(none)'}, {ages}")
         return out
 
     def whereabouts(self, batch: str, numbers: list[int]) -> dict[int, list[str]]:
         """Where Redis holds the messages of `numbers` of `batch`: a list (queue, staging
-        list), or the unacked hash with the record's owner and the age of its stamp."""
+        list), or the unacked hash with the record's owner and stamp ages."""
         r = self.redis()
         found: dict[int, list[str]] = {n: [] for n in numbers}
 
-        def look(payload: str, where: str) -> None:
-            for n in numbers:
-                if f"'{batch}', {n}," in payload:  # the message's argsrepr header
-                    found[n].append(where)
+        def numbers_in(payload: str) -> list[int]:
+            return [n for n in numbers if f"'{batch}', {n}," in payload]  # its argsrepr header
 
         for key in r.scan_iter(count=1000, _type="list"):
             for payload in r.lrange(key, 0, -1):
-                look(payload, f"list {key}")
-
-        def age(tag: str) -> str:
-            seconds, micros = r.time()
-            stamp = r.zscore("unacked_index", tag)
-            return "no stamp" if stamp is None else f"{seconds + micros / 1e6 - stamp:.1f} s"
-
-        for tag, record in r.hgetall("unacked").items():
-            if not any(f"'{batch}', {n}," in record for n in numbers):
-                continue
-            # The stamp's age by Redis's clock, twice 2 s apart: a record its holder keeps
-            # re-stamping stays young.
-            first = age(tag)
-            time.sleep(2)
-            look(record, f"unacked by {r.hget('unacked_owner', tag) or '(no owner)'}, stamp "
-                         f"age {first}, 2 s later {age(tag)}")
+                for n in numbers_in(payload):
+                    found[n].append(f"list {key}")
+        records = {tag: record for tag, record in r.hgetall("unacked").items()
+                   if numbers_in(record)}
+        for tag, ages in self.stamp_ages(r, list(records)).items():
+            for n in numbers_in(records[tag]):
+                found[n].append(f"unacked by {r.hget('unacked_owner', tag) or '(no owner)'}, "
+                                 f"{ages}")
         return found
 
     # -- the workers
