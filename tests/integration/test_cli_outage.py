@@ -70,7 +70,8 @@ class Outage:
     def run(self, args: list[str], kill_when: Callable[[Path], bool],
             restart_after: float | None = DOWN, timeout: float = 180) -> Run:
         """Run `python -m app ARGS`; SIGKILL Redis once kill_when(stdout file) is true; start
-        it again `restart_after` seconds later (None: not at all)."""
+        it again `restart_after` seconds later, once the CLI has said it waits (None: not at
+        all)."""
         tag = secrets.token_hex(3)
         out, err = self.tmp / f"cli-{tag}.out", self.tmp / f"cli-{tag}.err"
         start = time.monotonic()
@@ -86,6 +87,12 @@ class Outage:
             self.redis.kill()
             if restart_after is not None:
                 time.sleep(restart_after)
+                # On a loaded machine the CLI may not run at all for a few seconds; then it
+                # meets a Redis that is back and rightly says nothing. Stay down until it
+                # has noticed (bounded: clean() fails if it never says so).
+                with contextlib.suppress(pytest.fail.Exception):
+                    wait_for(lambda: cli.poll() is not None or RETRYING.search(err.read_text()),
+                             20, "the CLI to notice the outage", 0.05)
                 self.redis.start()
             deadline = time.monotonic() + timeout
             while cli.poll() is None:
