@@ -130,7 +130,8 @@ class HA:
                                             stderr=subprocess.STDOUT)
         wait_for(lambda: self._answers(port), 15, f"redis-server on {port}")
 
-    def start_sentinel(self, port: int, primary: int) -> None:
+    def start_sentinel(self, port: int, primary: int) -> bool:
+        """False if it exited at once (its port, free a moment ago, was taken meanwhile)."""
         conf = self.tmp / f"sentinel-{port}.conf"
         listener = "\n".join([f"tls-port {port}", *self.tls_config()]) if self.tls \
             else f"port {port}"
@@ -143,9 +144,35 @@ class HA:
             f"sentinel auth-pass {MASTER} {self.sentinel_user_pw}\n"
             f"sentinel down-after-milliseconds {MASTER} 1000\n"
             f"sentinel failover-timeout {MASTER} 10000\n")
-        self.procs[port] = subprocess.Popen([REDIS_SERVER, str(conf), "--sentinel"],
-                                            stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([REDIS_SERVER, str(conf), "--sentinel"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.procs[port] = proc
+
+        def up() -> bool:
+            try:
+                return bool(self.sentinel(port).ping())
+            except redis.RedisError:
+                return proc.poll() is not None  # exited: the port was taken meanwhile
+        wait_for(up, 15, f"redis-sentinel on {port}")
+        if proc.poll() is not None:
+            log = self.tmp / f"sentinel-{port}.log"
+            print(f"redis-sentinel on {port} exited with {proc.returncode}: "
+                  f"{log.read_text()[-500:] if log.exists() else ''}")
+            del self.procs[port]
+            return False
+        return True
+
+    def seen(self) -> str:
+        """What each Sentinel knows of the primary, for a failure message."""
+        lines = []
+        for port in self.sentinel_ports:
+            try:
+                info = self.sentinel(port).sentinel_master(MASTER)
+                lines.append(f"{port}: other sentinels {info.get('num-other-sentinels')}, "
+                             f"replicas {info.get('num-slaves')}, flags {info.get('flags')}")
+            except redis.RedisError as exc:
+                lines.append(f"{port}: {exc}")
+        return "; ".join(lines)
 
     def _answers(self, port: int) -> bool:
         try:
@@ -201,9 +228,14 @@ def tier(tmp_path: Path, tls: bool) -> Iterator[HA]:
         cluster.redis_ports = [primary, replica]
         cluster.start_redis(primary, None)
         cluster.start_redis(replica, primary)
-        cluster.sentinel_ports = [free_port() for _ in range(3)]
-        for port in cluster.sentinel_ports:
-            cluster.start_sentinel(port, primary)
+        for _ in range(6):
+            port = free_port()
+            if cluster.start_sentinel(port, primary):
+                cluster.sentinel_ports.append(port)
+            if len(cluster.sentinel_ports) == 3:
+                break
+        else:
+            pytest.fail("redis-sentinel did not start (its log is printed above)")
 
         def ready() -> bool:
             try:
@@ -212,7 +244,10 @@ def tier(tmp_path: Path, tls: bool) -> Iterator[HA]:
                 return False
             return int(info.get("num-other-sentinels", 0)) == 2 \
                 and int(info.get("num-slaves", 0)) == 1
-        wait_for(ready, 30, "three Sentinels that know each other and the replica", 0.3)
+        try:
+            wait_for(ready, 60, "three Sentinels that know each other and the replica", 0.3)
+        except pytest.fail.Exception as exc:
+            pytest.fail(f"{exc}: {cluster.seen()}")
         yield cluster
     finally:
         cluster.stop()
