@@ -7,6 +7,7 @@ and exit code 2 instead of a traceback from deep inside Celery or the worker's r
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -29,6 +30,37 @@ except ConfigError as exc:
 # CELERY_WORKER_LOGLEVEL; default that to TASKFLEET_LOG_LEVEL so one variable drives both.
 # This module is imported by `celery -A app` before the worker's own options are parsed.
 os.environ.setdefault("CELERY_WORKER_LOGLEVEL", settings.log_level)
+
+
+
+class _NotTaskSucceeded(logging.Filter):
+    """Lets every record through but Celery's "Task ... succeeded in ..." line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from celery.app.trace import LOG_SUCCESS
+
+        self.success = LOG_SUCCESS
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != self.success
+
+
+def quiet_task_lines(log_tasks: bool) -> None:
+    """Without TASKFLEET_LOG_TASKS=yes a worker logs no line per task received and per task
+    succeeded. At INFO Celery writes both for every task; at a few hundred tasks/s they cost
+    about a tenth of the throughput (PERFORMANCE.md) and are more lines than journald keeps
+    (10,000 per 30 s per service by default: it drops the rest, warnings included). Failures, retries,
+    rejections and every other line are logged as before. Set before the worker builds its
+    task strategies and tracers (Celery checks the level once, there); pool processes inherit
+    it."""
+    if log_tasks:
+        return
+    logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)  # "Task ... received"
+    logging.getLogger("celery.app.trace").addFilter(_NotTaskSucceeded())
+
+
+quiet_task_lines(settings.log_tasks)
 
 app = Celery("app", include=["app.tasks"])
 app.config_from_object(celery_settings(settings))

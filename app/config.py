@@ -71,6 +71,7 @@ class Settings:
     default_queue: str
     connect_timeout: float
     log_level: str
+    log_tasks: bool = False  # a line per task received and per task succeeded
     beat_example_seconds: int = 0
     heartbeat_interval: float = 1.0
     dead_after: float = 6.0
@@ -269,6 +270,7 @@ def read_settings(env: Mapping[str, str]) -> Settings:
                    "queue names use only letters, digits and _ . @ : -")
     timeout = _float(env, "TASKFLEET_CONNECT_TIMEOUT", 5.0)
     level = _choice(env, "TASKFLEET_LOG_LEVEL", "INFO", LOG_LEVELS, normalize=str.upper)
+    log_tasks = _choice(env, "TASKFLEET_LOG_TASKS", "no", ("yes", "no")) == "yes"
     beat_example = _int(env, "TASKFLEET_BEAT_EXAMPLE_SECONDS", 0, 0, ">= 0 (0 = off)")
     metrics_port = _int(env, "TASKFLEET_METRICS_PORT", 0, 0, "from 1 to 65535 (0 = off)")
     if metrics_port > 65535:
@@ -287,7 +289,8 @@ def read_settings(env: Mapping[str, str]) -> Settings:
         worker_concurrency=concurrency, worker_prefetch_multiplier=prefetch,
         worker_max_tasks_per_child=max_tasks, task_time_limit=hard, task_soft_time_limit=soft,
         visibility_timeout=vt, result_expires=expires, default_queue=queue,
-        connect_timeout=timeout, log_level=level, beat_example_seconds=beat_example,
+        connect_timeout=timeout, log_level=level, log_tasks=log_tasks,
+        beat_example_seconds=beat_example,
         heartbeat_interval=beat, dead_after=dead_after, metrics_port=metrics_port,
         metrics_address=_get(env, "TASKFLEET_METRICS_ADDRESS") or "127.0.0.1",
         sentinel_master=sentinel_master,

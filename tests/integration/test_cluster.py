@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from .itkit import BIN, run, run_cli
+from .itkit import BIN, client_app, node_env, run, run_cli, start_workers, stop_workers, wait_for
 
 pytestmark = pytest.mark.integration
 CELERY = str(BIN / "celery")
@@ -150,3 +150,35 @@ def test_ping_with_canaries_names_who_ran_each(cluster):
     assert f"{queue}: answered by " in silent.stdout
     assert silent.stderr == ("taskfleet: error: the canary on queue nobody-listens did not come "
                              "back within 2 s: is its worker consuming it?\n")
+
+
+def test_a_worker_logs_no_line_per_task_unless_asked(cluster, redis_server, tmp_path):
+    """By default neither "Task ... received" nor "... succeeded in" is logged (two lines per
+    task, at every rate), a failure still is; TASKFLEET_LOG_TASKS=yes brings both back."""
+    client = client_app(cluster.env)
+    try:
+        good = client.send_task("app.tasks.add", (10, 20))
+        bad = client.send_task("app.tasks.add", (1, "x"))
+        assert good.get(timeout=20) == 30
+        bad.get(timeout=20, propagate=False)
+    finally:
+        client.close()
+
+    def logs() -> str:
+        return "".join(w.log_text() for w in cluster.workers)
+    wait_for(lambda: f"app.tasks.add[{bad.id}] raised unexpected: TypeError" in logs(), 10,
+             "the failure to be logged")
+    assert good.id not in logs() and f"app.tasks.add[{bad.id}] received" not in logs()
+
+    env = node_env(tmp_path, redis_server.url(6), TASKFLEET_LOG_TASKS="yes")
+    [worker] = start_workers(env, ["lines"], tmp_path)
+    client = client_app(env)
+    try:
+        good = client.send_task("app.tasks.add", (10, 20))
+        assert good.get(timeout=20) == 30
+        wait_for(lambda: f"app.tasks.add[{good.id}] succeeded in" in worker.log_text(), 10,
+                 "the success line")
+        assert f"Task app.tasks.add[{good.id}] received" in worker.log_text()
+    finally:
+        client.close()
+        stop_workers([worker])

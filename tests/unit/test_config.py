@@ -49,6 +49,7 @@ def test_defaults():
     assert s.default_queue == "celery"
     assert s.connect_timeout == 5.0
     assert s.log_level == "INFO"
+    assert s.log_tasks is False
 
 
 def test_empty_values_mean_default():
@@ -65,7 +66,7 @@ def test_good_values():
         TASKFLEET_TASK_TIME_LIMIT="60", TASKFLEET_TASK_SOFT_TIME_LIMIT="50",
         TASKFLEET_VISIBILITY_TIMEOUT="61", TASKFLEET_RESULT_EXPIRES="600",
         TASKFLEET_DEFAULT_QUEUE="jobs.high@eu:1-x_y", TASKFLEET_CONNECT_TIMEOUT="0.5",
-        TASKFLEET_LOG_LEVEL="debug",
+        TASKFLEET_LOG_LEVEL="debug", TASKFLEET_LOG_TASKS="Yes",
     )
     assert s.result_backend == "rediss://r.example:6380/1"
     assert s.worker_pool == "threads"
@@ -76,6 +77,7 @@ def test_good_values():
     assert s.default_queue == "jobs.high@eu:1-x_y"
     assert s.connect_timeout == 0.5
     assert s.log_level == "DEBUG"
+    assert s.log_tasks is True
 
 
 @pytest.mark.parametrize("url", [
@@ -147,6 +149,7 @@ def test_result_backend_bad_is_masked():
     ("TASKFLEET_CONNECT_TIMEOUT", "nan", "expected a number of seconds > 0"),
     ("TASKFLEET_CONNECT_TIMEOUT", "inf", "expected a number of seconds > 0"),
     ("TASKFLEET_LOG_LEVEL", "TRACE", "allowed values are DEBUG, INFO, WARNING, ERROR"),
+    ("TASKFLEET_LOG_TASKS", "true", "allowed values are yes, no"),
 ])
 def test_bad_values(name, value, allowed):
     assert error(**{name: value}) == f"invalid {name}={value!r}: {allowed}"
@@ -346,7 +349,7 @@ def test_env_example_documents_every_variable_and_is_valid():
     source = Path(app.config.__file__).read_text()
     variables = set(re.findall(r'"((?:TASKFLEET|CELERY)_[A-Z_]+)"', source))
     variables.add("TASKFLEET_ENV_FILE")
-    assert len(variables) == 24
+    assert len(variables) == 25
     for name in sorted(variables):
         assert re.search(rf"^#? ?{name}=", text, re.M), f"{name} missing from .env.example"
     values = {k: v or "" for k, v in dotenv_values(ROOT / ".env.example").items()}
