@@ -50,10 +50,10 @@ def quiet_task_lines(log_tasks: bool) -> None:
     """Without TASKFLEET_LOG_TASKS=yes a worker logs no line per task received and per task
     succeeded. At INFO Celery writes both for every task; at a few hundred tasks/s they cost
     about a tenth of the throughput (PERFORMANCE.md) and are more lines than journald takes
-    from one service by default (10,000 per 30 s; then it drops messages, warnings included). Failures, retries,
-    rejections and every other line are logged as before. Set before the worker builds its
-    task strategies and tracers (Celery checks the level once, there); pool processes inherit
-    it."""
+    from one service by default (10,000 per 30 s; then it drops messages, warnings included).
+    Failures, retries, rejections and every other line are logged as before. Set before the
+    worker builds its task strategies and tracers (Celery checks the level once, there); pool
+    processes inherit it."""
     if log_tasks:
         return
     logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)  # "Task ... received"
