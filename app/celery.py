@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from celery import Celery, bootsteps
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import celeryd_init, worker_ready, worker_shutting_down
 
 from .config import ConfigError, celery_settings, get_settings
 from .metrics import setup_worker_metrics
@@ -30,7 +30,6 @@ except ConfigError as exc:
 # CELERY_WORKER_LOGLEVEL; default that to TASKFLEET_LOG_LEVEL so one variable drives both.
 # This module is imported by `celery -A app` before the worker's own options are parsed.
 os.environ.setdefault("CELERY_WORKER_LOGLEVEL", settings.log_level)
-
 
 
 class _NotTaskSucceeded(logging.Filter):
@@ -51,16 +50,19 @@ def quiet_task_lines(log_tasks: bool) -> None:
     succeeded. At INFO Celery writes both for every task; at a few hundred tasks/s they cost
     about a tenth of the throughput (PERFORMANCE.md) and are more lines than journald takes
     from one service by default (10,000 per 30 s; then it drops messages, warnings included).
-    Failures, retries, rejections and every other line are logged as before. Set before the
-    worker builds its task strategies and tracers (Celery checks the level once, there); pool
-    processes inherit it."""
+    Failures, retries, rejections and every other line are logged as before."""
     if log_tasks:
         return
     logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)  # "Task ... received"
     logging.getLogger("celery.app.trace").addFilter(_NotTaskSucceeded())
 
 
-quiet_task_lines(settings.log_tasks)
+@celeryd_init.connect
+def _quiet_task_lines(**_: object) -> None:
+    # In the worker only (the CLI need not import Celery's tracer), before it builds its task
+    # strategies (Celery checks the level once, there); pool processes inherit it.
+    quiet_task_lines(settings.log_tasks)
+
 
 app = Celery("app", include=["app.tasks"])
 app.config_from_object(celery_settings(settings))
